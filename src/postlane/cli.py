@@ -1,0 +1,500 @@
+"""The ``postlane`` command: serve, and everything an operator administers.
+
+Errors are one line on stderr and a non-zero exit, never a traceback: the
+person at the terminal needs to know what was wrong with what they typed.
+Secrets (generated passwords) are printed exactly once, by the command that
+created them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from postlane import config, crypto
+from postlane.errors import PostlaneError
+from postlane.store import Database, migrate
+from postlane.store.accounts import Account
+from postlane.store.smtp_users import SmtpUser
+from postlane.tenants import admin
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class _State:
+    config_file: Path | None = None
+    _settings: config.Settings | None = None
+    _db: Database | None = None
+    _box: crypto.SecretBox | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> config.Settings:
+        if self._settings is None:
+            self._settings = config.load_settings(self.config_file)
+        return self._settings
+
+    @property
+    def db(self) -> Database:
+        """The database, with its schema current: SQLite (embedded, one owner) is
+        migrated on the spot; a shared PostgreSQL is only migrated by `db upgrade`."""
+        if self._db is None:
+            db = Database.from_url(self.settings.effective_database_url)
+            if db.dialect_name == "sqlite":
+                migrate.upgrade(db)
+            else:
+                migrate.ensure_current(db)
+            self._db = db
+        return self._db
+
+    @property
+    def raw_db(self) -> Database:
+        """The database as it is, for `db upgrade` itself."""
+        if self._db is None:
+            self._db = Database.from_url(self.settings.effective_database_url)
+        return self._db
+
+    @property
+    def box(self) -> crypto.SecretBox:
+        if self._box is None:
+            s = self.settings
+            secret = s.secret_key.get_secret_value() if s.secret_key else None
+            self._box = crypto.SecretBox(crypto.load_or_create_master_key(secret, s.data_dir))
+        return self._box
+
+
+_state = _State()
+
+app = typer.Typer(
+    name="postlane",
+    help="Postlane: self-hosted email sending platform.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+config_app = typer.Typer(help="Settings.", no_args_is_help=True)
+account_app = typer.Typer(help="Customer accounts.", no_args_is_help=True)
+user_app = typer.Typer(help="SMTP users (submission credentials).", no_args_is_help=True)
+domain_app = typer.Typer(help="Sending domains and their DNS records.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+app.add_typer(account_app, name="account")
+app.add_typer(user_app, name="smtp-user")
+app.add_typer(domain_app, name="domain")
+
+
+@app.callback()
+def _main(
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Settings file (default: $POSTLANE_CONFIG or ./postlane.toml)"
+        ),
+    ] = None,
+) -> None:
+    global _state
+    _state = _State(config_file=config_file)  # a fresh state per invocation
+
+
+# -- serve, init, db, config ------------------------------------------------------
+
+
+@app.command()
+def serve() -> None:
+    """Run Postlane until SIGINT or SIGTERM.
+
+    Example: postlane serve
+    """
+    from postlane import runtime
+
+    runtime.run(_state.settings, _state.db, _state.box)
+
+
+@app.command()
+def init(
+    force: Annotated[bool, typer.Option(help="Overwrite an existing settings file")] = False,
+) -> None:
+    """Write a commented postlane.toml and create the database.
+
+    Example: postlane init && postlane serve
+    """
+    target = _state.config_file or Path(config.DEFAULT_CONFIG_FILE)
+    if target.exists() and not force:
+        _fail(f"{target} exists already (use --force to overwrite)")
+    target.write_text(config.example_toml())
+    out.print(f"wrote {target}")
+    _state.config_file = target
+    _state.box  # noqa: B018 - creates data_dir/secret.key when no secret_key is set
+    migrate.upgrade(_state.raw_db)
+    out.print(f"database ready: {config.mask_url(_state.settings.effective_database_url)}")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending schema migration.
+
+    Example: postlane db upgrade   (with POSTLANE_DATABASE_URL=postgresql://... for PostgreSQL)
+    """
+    db = _state.raw_db
+    migrate.upgrade(db)
+    out.print(f"database at revision {migrate.current_revision(db)}")
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective settings (file, environment and defaults), secrets masked.
+
+    Example: postlane --config /etc/postlane/postlane.toml config show
+    """
+    out.print(config.to_toml(config.effective_settings(_state.settings)), markup=False)
+
+
+# -- accounts -------------------------------------------------------------------
+
+
+@account_app.command("create")
+def account_create(name: Annotated[str, typer.Argument(help="Account name")]) -> None:
+    """Create a customer account.
+
+    Example: postlane account create acme
+    """
+    account = admin.create_account(_state.db, name)
+    out.print(f"account {account.name!r} created (id {account.id})", markup=False)
+
+
+@account_app.command("list")
+def account_list() -> None:
+    """List accounts.
+
+    Example: postlane account list
+    """
+    table = Table("id", "name", "smtp", "sender policy", "attachments", "created")
+    for a in admin.list_accounts(_state.db):
+        table.add_row(
+            str(a.id),
+            a.name,
+            "enabled" if a.smtp_enabled else "disabled",
+            a.unauthorised_sender_policy,
+            a.attachment_policy,
+            f"{a.created_at:%Y-%m-%d %H:%M}",
+        )
+    out.print(table)
+
+
+@account_app.command("show")
+def account_show(name: Annotated[str, typer.Argument(help="Account name")]) -> None:
+    """Show an account's settings.
+
+    Example: postlane account show acme
+    """
+    _print_account(admin.get_account(_state.db, name))
+
+
+def _print_account(a: Account) -> None:
+    table = Table("setting", "value", show_header=False)
+    rows = {
+        "id": str(a.id),
+        "name": a.name,
+        "smtp": "enabled" if a.smtp_enabled else "disabled",
+        "login with email address": _yes(a.allow_email_login),
+        "unauthorised sender": a.unauthorised_sender_policy,
+        "attachments": a.attachment_policy,
+        "archive name": a.attachment_archive_name,
+        "archive password": "set" if a.attachment_password_enc else "none",
+        "track opens": _yes(a.track_opens),
+        "track clicks": _yes(a.track_clicks),
+        "time zone": a.timezone,
+        "trusted networks": ", ".join(a.trusted_networks) or "none",
+        "default options": _json(a.default_options),
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    out.print(table)
+
+
+@account_app.command("update")
+def account_update(
+    name: Annotated[str, typer.Argument(help="Account name")],
+    smtp: Annotated[
+        bool | None, typer.Option("--smtp-enabled/--smtp-disabled", help="SMTP sending switch")
+    ] = None,
+    email_login: Annotated[
+        bool | None,
+        typer.Option("--allow-email-login/--no-email-login", help="Accept the address as login"),
+    ] = None,
+    unauthorised_sender: Annotated[
+        str | None, typer.Option(help="What an unauthorised sender gets: alert or block")
+    ] = None,
+    attachments: Annotated[
+        str | None, typer.Option(help="Attachment policy: off, zip or unzip")
+    ] = None,
+    archive_name: Annotated[
+        str | None, typer.Option(help="File name of the zip archive (policy zip)")
+    ] = None,
+    archive_password: Annotated[
+        str | None, typer.Option(help="Password of the zip archive; '' for none")
+    ] = None,
+    track_opens: Annotated[bool | None, typer.Option("--track-opens/--no-track-opens")] = None,
+    track_clicks: Annotated[bool | None, typer.Option("--track-clicks/--no-track-clicks")] = None,
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA zone for zone-less times, e.g. Asia/Taipei")
+    ] = None,
+    trusted_networks: Annotated[
+        str | None,
+        typer.Option(help="IPs/CIDRs that send as this account without AUTH; '' for none"),
+    ] = None,
+    default_options: Annotated[
+        str | None, typer.Option(help='Default send options as JSON, e.g. {"track_opens": true}')
+    ] = None,
+) -> None:
+    """Change an account's settings.
+
+    Example: postlane account update acme --unauthorised-sender block --trusted-networks 10.1.0.0/16
+    """
+    changes = admin.AccountChanges(
+        smtp_enabled=smtp,
+        allow_email_login=email_login,
+        unauthorised_sender_policy=unauthorised_sender,
+        attachment_policy=attachments,
+        attachment_archive_name=archive_name,
+        attachment_password=archive_password,
+        track_opens=track_opens,
+        track_clicks=track_clicks,
+        timezone=timezone,
+        trusted_networks=trusted_networks,
+        default_options=default_options,
+    )
+    _print_account(admin.update_account(_state.db, _state.box, name, changes))
+
+
+# -- SMTP users ---------------------------------------------------------------------
+
+_PriorityOpt = Annotated[str | None, typer.Option(help="1 (highest) to 5 (lowest); 3 is normal")]
+_DomainsOpt = Annotated[
+    str | None, typer.Option(help="Authorised sender domains, ';'-separated; empty: any")
+]
+_SendersOpt = Annotated[
+    str | None, typer.Option(help="Authorised sender addresses, ';'-separated; empty: any")
+]
+_OptionsOpt = Annotated[str | None, typer.Option(help="Default send options as a JSON object")]
+
+
+@user_app.command("create")
+def user_create(
+    username: Annotated[str, typer.Argument(help="Login name (may be an email address)")],
+    account: Annotated[str, typer.Option(help="Account the user sends for")],
+    priority: _PriorityOpt = None,
+    note: Annotated[str, typer.Option(help="Note for internal use")] = "",
+    authorised_domains: _DomainsOpt = None,
+    authorised_senders: _SendersOpt = None,
+    default_options: _OptionsOpt = None,
+    inactive: Annotated[bool, typer.Option(help="Create the user disabled")] = False,
+) -> None:
+    """Create an SMTP user and print its password (shown this once only).
+
+    Example: postlane smtp-user create --account acme --authorised-domains acme.com app1
+    """
+    creds = admin.create_smtp_user(
+        _state.db,
+        account,
+        username,
+        priority=priority or 3,
+        note=note,
+        authorised_domains=authorised_domains or "",
+        authorised_senders=authorised_senders or "",
+        default_options=default_options,
+        active=not inactive,
+    )
+    _print_credentials(creds, "created")
+
+
+@user_app.command("list")
+def user_list(
+    account: Annotated[str | None, typer.Option(help="Only this account's users")] = None,
+) -> None:
+    """List SMTP users (never their passwords).
+
+    Example: postlane smtp-user list --account acme
+    """
+    table = Table("username", "account", "active", "priority", "domains", "senders", "note")
+    names = {a.id: a.name for a in admin.list_accounts(_state.db)}
+    for u in admin.list_smtp_users(_state.db, account):
+        table.add_row(
+            u.username,
+            names.get(u.account_id, str(u.account_id)),
+            _yes(u.active),
+            str(u.priority),
+            ";".join(u.authorised_domains) or "any",
+            ";".join(u.authorised_senders) or "any",
+            u.note,
+        )
+    out.print(table)
+
+
+@user_app.command("reset-password")
+def user_reset_password(username: Annotated[str, typer.Argument(help="Login name")]) -> None:
+    """Replace a user's password with a new generated one, printed this once only.
+
+    Example: postlane smtp-user reset-password app1
+    """
+    _print_credentials(admin.reset_password(_state.db, username), "password reset")
+
+
+@user_app.command("disable")
+def user_disable(username: Annotated[str, typer.Argument(help="Login name")]) -> None:
+    """Stop a user from authenticating.
+
+    Example: postlane smtp-user disable app1
+    """
+    user = admin.update_smtp_user(_state.db, username, admin.SmtpUserChanges(active=False))
+    out.print(f"SMTP user {user.username!r} disabled", markup=False)
+
+
+@user_app.command("enable")
+def user_enable(username: Annotated[str, typer.Argument(help="Login name")]) -> None:
+    """Allow a disabled user to authenticate again.
+
+    Example: postlane smtp-user enable app1
+    """
+    user = admin.update_smtp_user(_state.db, username, admin.SmtpUserChanges(active=True))
+    out.print(f"SMTP user {user.username!r} enabled", markup=False)
+
+
+@user_app.command("update")
+def user_update(
+    username: Annotated[str, typer.Argument(help="Login name")],
+    priority: _PriorityOpt = None,
+    note: Annotated[str | None, typer.Option(help="Note for internal use")] = None,
+    authorised_domains: _DomainsOpt = None,
+    authorised_senders: _SendersOpt = None,
+    default_options: _OptionsOpt = None,
+) -> None:
+    """Change an SMTP user's settings.
+
+    Example: postlane smtp-user update app1 --priority 1 --authorised-senders "info@acme.com"
+    """
+    changes = admin.SmtpUserChanges(
+        priority=priority,
+        note=note,
+        authorised_domains=authorised_domains,
+        authorised_senders=authorised_senders,
+        default_options=default_options,
+    )
+    u = admin.update_smtp_user(_state.db, username, changes)
+    out.print(
+        f"SMTP user {u.username!r}: active={_yes(u.active)} priority={u.priority} "
+        f"domains={';'.join(u.authorised_domains) or 'any'} "
+        f"senders={';'.join(u.authorised_senders) or 'any'}",
+        markup=False,
+    )
+
+
+def _print_credentials(creds: admin.NewCredentials, what: str) -> None:
+    user: SmtpUser = creds.user
+    out.print(f"SMTP user {user.username!r} {what}.", markup=False)
+    out.print(f"password: {creds.password}", markup=False)
+    out.print("Store it now: it is not stored and cannot be shown again.")
+
+
+# -- domains ---------------------------------------------------------------------------
+
+
+@domain_app.command("add")
+def domain_add(
+    domain: Annotated[str, typer.Argument(help="Domain name, e.g. acme.com")],
+    account: Annotated[str, typer.Option(help="Account that sends from it")],
+    selector: Annotated[str | None, typer.Option(help="DKIM selector (default: plYYYYMM)")] = None,
+    ed25519: Annotated[bool, typer.Option(help="Also sign with an Ed25519 key")] = False,
+    return_path: Annotated[
+        str, typer.Option(help="Subdomain for the return path (bounces)")
+    ] = "bounce",
+) -> None:
+    """Add a sending domain with a new DKIM key and print the DNS records to publish.
+
+    Example: postlane domain add --account acme acme.com
+    """
+    row = admin.add_domain(
+        _state.db,
+        _state.box,
+        account,
+        domain,
+        selector=selector,
+        ed25519=ed25519,
+        return_path_subdomain=return_path,
+    )
+    out.print(f"domain {row.name!r} added; publish these DNS records:", markup=False)
+    _print_records(row.name)
+
+
+@domain_app.command("list")
+def domain_list(
+    account: Annotated[str | None, typer.Option(help="Only this account's domains")] = None,
+) -> None:
+    """List sending domains.
+
+    Example: postlane domain list --account acme
+    """
+    table = Table("domain", "account", "selector", "return path", "spf", "dkim", "dmarc")
+    names = {a.id: a.name for a in admin.list_accounts(_state.db)}
+    for d in admin.list_domains(_state.db, account):
+        table.add_row(
+            d.name,
+            names.get(d.account_id, str(d.account_id)),
+            d.dkim_selector + (f", {d.ed25519_selector}" if d.ed25519_selector else ""),
+            f"{d.return_path_subdomain}.{d.name}",
+            _yes(d.spf_verified),
+            _yes(d.dkim_verified),
+            _yes(d.dmarc_verified),
+        )
+    out.print(table)
+
+
+@domain_app.command("dns")
+def domain_dns(domain: Annotated[str, typer.Argument(help="Domain name")]) -> None:
+    """Print the SPF, DKIM, DMARC and return-path records to publish for a domain.
+
+    Example: postlane domain dns acme.com
+    """
+    _print_records(domain)
+
+
+def _print_records(domain: str) -> None:
+    for record in admin.domain_records(_state.db, domain, _state.settings.hostname):
+        out.print(f"; {record.purpose}", markup=False)
+        out.print(record.zone_line(), markup=False)
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _json(value: object) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True) if value else "none"
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning every Postlane error into one line and exit 1."""
+    try:
+        app()
+    except PostlaneError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(1)

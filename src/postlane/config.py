@@ -1,0 +1,361 @@
+"""Settings: one TOML file, ``POSTLANE_*`` environment variables, defaults that run.
+
+Postlane must start with no file at all (SQLite under ``./var``, self-signed TLS,
+unprivileged ports), so every setting has a working default. Operators mostly
+change a handful of keys; a typo must not be silently ignored, so unknown keys
+are errors, and every error names the key and the value that was given.
+
+Precedence, later wins: defaults, then the TOML file (``--config`` or
+``POSTLANE_CONFIG``), then environment variables. Nested keys use ``__`` in the
+environment: ``POSTLANE_SMTP__MAX_MESSAGE_SIZE=1000000``; the database URL is the
+top-level ``database_url`` (``POSTLANE_DATABASE_URL``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from postlane.errors import ConfigError
+
+CONFIG_ENV = "POSTLANE_CONFIG"
+DEFAULT_CONFIG_FILE = "postlane.toml"
+
+TlsMode = Literal["none", "starttls", "implicit"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_address(value: str) -> str:
+    if value in ("", "localhost"):
+        return value
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise ValueError(f"not an IP address: {value!r}") from exc
+    return value
+
+
+class ListenerSettings(_Section):
+    """One SMTP listening socket."""
+
+    address: str = Field("0.0.0.0", description="IP address to bind; '::' for all IPv6")
+    port: int = Field(ge=1, le=65535, description="TCP port")
+    tls: TlsMode = Field(
+        "starttls",
+        description="'none', 'starttls' (offered, upgrade on request) "
+        "or 'implicit' (TLS from the first byte)",
+    )
+    submission: bool = Field(
+        True,
+        description="Submission listener: no MAIL before AUTH. When false, unauthenticated "
+        "clients may only send to Postlane's own bounce domains (never an open relay)",
+    )
+    require_tls_for_auth: bool = Field(True, description="Offer AUTH only once TLS is active")
+    allow_plaintext_auth: bool = Field(
+        False, description="Allow AUTH without TLS on this listener (the operator's decision)"
+    )
+    proxy_protocol: bool = Field(
+        False, description="Expect a PROXY protocol v1/v2 header from a load balancer"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return _check_address(value)
+
+
+def _default_listeners() -> list[ListenerSettings]:
+    return [
+        ListenerSettings(port=2525, tls="starttls", submission=False),
+        ListenerSettings(port=2465, tls="implicit"),
+        ListenerSettings(port=2587, tls="starttls"),
+    ]
+
+
+class SmtpSettings(_Section):
+    """The SMTP submission server."""
+
+    listeners: list[ListenerSettings] = Field(
+        default_factory=_default_listeners, description="Listening sockets ([[smtp.listeners]])"
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain; unset: a self-signed one in data_dir"
+    )
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
+    max_message_size: int = Field(
+        50 * 1024 * 1024, ge=1024, description="Largest message accepted, in bytes (SIZE)"
+    )
+    max_recipients: int = Field(1000, ge=1, description="Recipients per message")
+    max_errors: int = Field(10, ge=1, description="Protocol errors before the session is closed")
+    max_line_length: int = Field(
+        2048, ge=512, description="Longest command line in bytes, CRLF included"
+    )
+    command_timeout: float = Field(300.0, gt=0, description="Seconds to wait for a command")
+    data_timeout: float = Field(600.0, gt=0, description="Seconds to wait for message data")
+    max_received_headers: int = Field(
+        25, ge=1, description="Postlane's own Received headers that mean a mail loop"
+    )
+    duplicate_window: float = Field(
+        86400.0,
+        ge=0,
+        description="Seconds in which a resubmission (same Message-ID, sender, recipients) "
+        "is accepted but not queued again",
+    )
+    commit_max_delay: float = Field(
+        0.002, ge=0, le=1, description="Seconds an intake commit may wait to group with others"
+    )
+    commit_max_batch: int = Field(256, ge=1, description="Messages in one grouped commit at most")
+
+
+class AuthSettings(_Section):
+    """SMTP authentication."""
+
+    cache_ttl: float = Field(
+        300.0, ge=0, description="Seconds a verified credential is remembered (0: off)"
+    )
+    max_failures: int = Field(
+        10, ge=1, description="Failed AUTH per client IP or username within failure_window"
+    )
+    failure_window: float = Field(300.0, gt=0, description="Seconds over which failures count")
+
+
+class DeliverySettings(_Section):
+    """The outbound queue."""
+
+    max_queue_lifetime: float = Field(
+        259200.0,
+        gt=0,
+        description="Seconds a recipient may stay undelivered before it expires "
+        "(unless the message sets its own expiry)",
+    )
+
+
+class HttpSettings(_Section):
+    """The HTTP API, tracking endpoints and control panel."""
+
+    address: str = Field("127.0.0.1", description="IP address to bind")
+    port: int = Field(8025, ge=1, le=65535, description="TCP port")
+
+    @field_validator("address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return _check_address(value)
+
+
+class Settings(BaseSettings):
+    """Every setting of one Postlane process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="POSTLANE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    hostname: str = Field(
+        default_factory=socket.getfqdn,
+        description="Name in the SMTP banner, EHLO and the self-signed certificate",
+    )
+    data_dir: Path = Field(Path("var"), description="Where SQLite, keys and certificates live")
+    database_url: str = Field(
+        "", description="sqlite:///path or postgresql://user@host/db; unset: SQLite in data_dir"
+    )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Key for secrets at rest and signed URLs; unset: generated once "
+        "into data_dir/secret.key",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log verbosity"
+    )
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings, description="SMTP server")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="SMTP authentication")
+    delivery: DeliverySettings = Field(
+        default_factory=DeliverySettings, description="Outbound queue"
+    )
+    http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP server")
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        labels = value.rstrip(".").split(".")
+        if not value or any(not label or len(label) > 63 for label in labels):
+            raise ValueError(f"not a host name: {value!r}")
+        return value.rstrip(".").lower()
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite:", "postgresql:", "postgres:", "postgresql+")):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL, defaulting to SQLite inside data_dir."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'postlane.db'}"
+
+
+def config_path(explicit: str | Path | None = None) -> Path | None:
+    """The TOML file to read: the explicit path, POSTLANE_CONFIG, or ./postlane.toml if present."""
+    if explicit is not None:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting {key!r}"
+    if error["type"] == "missing":
+        return f"setting {key!r} is required"
+    value = error.get("input")
+    if isinstance(value, SecretStr) or "secret" in key:
+        value = "***"
+    return f"setting {key!r} = {value!r}: {message}"
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings; raise ConfigError naming every bad key."""
+    source = config_path(path)
+    data: dict[str, Any] = _read_toml(source) if source is not None else {}
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        where = f" (in {source})" if source is not None else ""
+        problems = "; ".join(_describe(dict(err)) for err in exc.errors())
+        raise ConfigError(f"invalid configuration{where}: {problems}") from None
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{scheme}://{userinfo}@{host}"
+
+
+def effective_settings(settings: Settings) -> dict[str, Any]:
+    """Settings as plain data with secrets masked (for ``postlane config show``)."""
+    data = settings.model_dump(mode="json")
+    if settings.secret_key is not None:
+        data["secret_key"] = "***"
+    data["database_url"] = mask_url(settings.effective_database_url)
+    return data
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if value is None:
+        return '""'
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Plain settings data as TOML text (scalars first, then tables, then arrays of tables)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            tables.append((name, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays.append((name, value))
+        elif value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables:
+        lines += ["", f"[{name}]", to_toml(table, f"{name}.").strip("\n")]
+    for name, items in arrays:
+        for item in items:
+            lines += ["", f"[[{name}]]", to_toml(item, f"{name}.").strip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def _commented(model: type[BaseModel], defaults: dict[str, Any], prefix: str) -> list[str]:
+    lines: list[str] = []
+    later: list[str] = []
+    for key, info in model.model_fields.items():
+        value = defaults.get(key)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            later += ["", f"# {info.description}", f"[{prefix}{key}]"]
+            later += _commented(annotation, value or {}, f"{prefix}{key}.")
+        elif key == "listeners":
+            for listener in value or []:
+                later += ["", f"# {info.description}", f"# [[{prefix}{key}]]"]
+                later += _commented(ListenerSettings, listener, f"{prefix}{key}.")
+        else:
+            shown = _toml_value(value) if value is not None else '""'
+            lines += [f"# {info.description}", f"# {key} = {shown}"]
+    return lines + later
+
+
+def example_toml() -> str:
+    """A settings file with every key commented out at its default, for ``postlane init``."""
+    defaults = Settings.model_construct().model_dump(mode="json")
+    defaults["hostname"] = "mail.example.com"
+    defaults["smtp"] = SmtpSettings().model_dump(mode="json")
+    header = [
+        "# Postlane settings. Every key is shown at its default, commented out.",
+        "# Environment variables override this file: POSTLANE_HOSTNAME, POSTLANE_DATABASE_URL,",
+        "# POSTLANE_SMTP__MAX_MESSAGE_SIZE (nested keys joined by __). See docs/configuration.md.",
+        "",
+    ]
+    return "\n".join(header + _commented(Settings, defaults, "")) + "\n"

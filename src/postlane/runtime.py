@@ -1,0 +1,72 @@
+"""Starts and stops the roles of one Postlane process.
+
+One process runs every role on SQLite; larger installs run the same binary per
+role against PostgreSQL. Whatever runs, SIGINT and SIGTERM stop it cleanly:
+listeners close first so no new work is accepted, then work in flight is
+allowed to finish, so nothing a client was told is accepted gets lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Protocol
+
+from postlane import crypto
+from postlane.config import Settings, mask_url
+from postlane.store import Database
+
+log = logging.getLogger("postlane")
+
+
+class Role(Protocol):
+    """A part of Postlane that runs inside the process (SMTP server, delivery, web)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def build_roles(settings: Settings, db: Database, box: crypto.SecretBox) -> list[Role]:
+    """The roles this build of Postlane has."""
+    return []
+
+
+async def serve(settings: Settings, db: Database, box: crypto.SecretBox) -> None:
+    """Run every role until a stop signal arrives."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    roles = build_roles(settings, db, box)
+    started: list[Role] = []
+    try:
+        for role in roles:
+            await role.start()
+            started.append(role)
+        names = ", ".join(r.name for r in started) or "no roles yet"
+        log.info("postlane running (%s); database %s", names, mask_url(db.url))
+        print("postlane running: " + names, flush=True)
+        await stop.wait()
+        log.info("stop signal received, shutting down")
+    finally:
+        for role in reversed(started):
+            await role.stop()
+        db.dispose()
+    print("postlane stopped", flush=True)
+
+
+def run(settings: Settings, db: Database, box: crypto.SecretBox) -> None:
+    """Entry point of ``postlane serve``."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        asyncio.run(serve(settings, db, box))
+    else:
+        uvloop.run(serve(settings, db, box))

@@ -1,0 +1,209 @@
+"""The database handle: one engine, configured so commits mean durable.
+
+SQLite is the embedded default and PostgreSQL the shared one; both are reached
+through the same :class:`Database`, so the repositories never ask which one
+they run on (the queue will, for ``SKIP LOCKED``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from postlane.errors import StoreError
+
+DialectName = Literal["sqlite", "postgresql"]
+
+#: Execution option read by the SQLite ``begin`` hook: which kind of BEGIN.
+_SQLITE_BEGIN = "postlane_sqlite_begin"
+_BEGIN_STATEMENTS = {"DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_CONNECT_TIMEOUT_S = 10
+
+# Used only when a URL is too broken to parse: mask from the first
+# "user:" to the last "@", which over-masks rather than leaks.
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:).*@")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, safe for logs and errors."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (exc.ArgumentError, ValueError):
+        return _PASSWORD_IN_URL.sub(r"\1***@", url)
+
+
+class Database:
+    """A pool of connections to one Postlane database.
+
+    On SQLite every connection runs in WAL mode with ``synchronous=FULL``:
+    WAL lets readers proceed while one writer commits, and FULL makes each
+    commit fsync the log, so a write acknowledged to an SMTP client (``250``)
+    survives a crash or power loss. ``NORMAL`` would be faster and would lose
+    the last transactions on power loss, which breaks the promise of ``250``.
+    Foreign keys are enforced and a locked database is waited on for
+    ten seconds before failing.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        """Wrap an engine; use :meth:`from_url`, which installs the SQLite settings."""
+        name = engine.dialect.name
+        if name not in ("sqlite", "postgresql"):
+            raise StoreError(f"unsupported database dialect {name!r}")
+        self._engine = engine
+        self._dialect_name: DialectName = "sqlite" if name == "sqlite" else "postgresql"
+
+    @classmethod
+    def from_url(cls, url: str) -> Database:
+        """Open the database named by ``url`` and check that it answers.
+
+        Accepts ``sqlite:///path`` (the directory is created) and
+        ``postgresql://`` or ``postgres://`` (driven by psycopg 3, query
+        options such as ``options=-csearch_path%3Dx`` kept). Fails here, with a
+        :class:`StoreError` naming the URL without its password, rather than
+        at the first query of the first client.
+        """
+        parsed = _parse(url)
+        try:
+            if parsed.drivername == "sqlite":
+                engine = _sqlite_engine(parsed)
+            else:
+                engine = _postgresql_engine(parsed)
+        except OSError as e:
+            raise StoreError(f"cannot open database {mask_url(url)}: {e}") from e
+        try:
+            with engine.connect():
+                pass
+        except exc.DBAPIError as e:
+            engine.dispose()
+            raise StoreError(f"cannot open database {mask_url(url)}: {_reason(e)}") from e
+        except StoreError as e:
+            engine.dispose()
+            raise StoreError(f"cannot open database {mask_url(url)}: {e}") from e
+        return cls(engine)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def url(self) -> str:
+        """The database URL with its password masked: safe to log."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    @property
+    def dialect_name(self) -> DialectName:
+        return self._dialect_name
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A transaction meant to write: committed on exit, rolled back on error.
+
+        On SQLite it starts with ``BEGIN IMMEDIATE``, taking the write lock at
+        once: a deferred transaction that reads and then writes can fail with
+        "database is locked" without waiting, whereas an immediate one waits
+        for the busy timeout. A database failure escapes as :class:`StoreError`
+        (the driver's exception is its ``__cause__``).
+        """
+        try:
+            with self._engine.connect() as conn:
+                conn.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
+                with conn.begin():
+                    yield conn
+        except exc.DBAPIError as e:
+            raise StoreError(f"database error: {_reason(e)}") from e
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection for reading; its transactions start deferred on SQLite.
+
+        Deferred transactions let any number of readers run beside the
+        writer. Anything that writes should use :meth:`begin` instead. A
+        database failure escapes as :class:`StoreError`, as from :meth:`begin`.
+        """
+        try:
+            with self._engine.connect() as conn:
+                yield conn
+        except exc.DBAPIError as e:
+            raise StoreError(f"database error: {_reason(e)}") from e
+
+    def dispose(self) -> None:
+        """Close every pooled connection (on shutdown, or after a fork)."""
+        self._engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"Database({self.url})"
+
+
+def _parse(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except (exc.ArgumentError, ValueError) as e:
+        raise StoreError(f"malformed database URL {mask_url(url)}") from e
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        if not parsed.database or parsed.database == ":memory:":
+            raise StoreError(
+                f"database URL {mask_url(url)} names no file: "
+                "Postlane needs sqlite:///path/to/file.db"
+            )
+        return parsed.set(drivername="sqlite")
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    raise StoreError(
+        f"unsupported database URL {mask_url(url)}: use sqlite:///path or postgresql://..."
+    )
+
+
+def _reason(error: exc.DBAPIError) -> str:
+    lines = str(error.orig).strip().splitlines()
+    return lines[0] if lines else type(error.orig).__name__
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    assert url.database is not None
+    Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url)
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    # pysqlite's own transaction handling emits BEGIN late (only before DML)
+    # and commits before DDL; switch it off and emit BEGIN ourselves, as the
+    # SQLAlchemy documentation recommends for pysqlite.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        (mode,) = cursor.execute("PRAGMA journal_mode=WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise StoreError(f"SQLite refused WAL mode (got {mode!r}); is the file on NFS?")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    mode = conn.get_execution_options().get(_SQLITE_BEGIN, "DEFERRED")
+    conn.exec_driver_sql(_BEGIN_STATEMENTS[mode])
+
+
+def _postgresql_engine(url: URL) -> Engine:
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+    # Nodes outlive database restarts and failovers; a stale pooled
+    # connection is replaced instead of failing the next transaction.
+    return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)

@@ -1,0 +1,1 @@
+"""Tenancy: accounts, SMTP users and sending domains, as the operator manages them."""

@@ -1,0 +1,172 @@
+"""Database: URLs, SQLite durability settings, transactions, errors."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from postlane.errors import AlreadyExists, StoreError
+from postlane.store import Database, create_account, get_account, list_accounts, mask_url
+
+
+def test_sqlite_url_creates_parent_directory(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "postlane.db"
+    db = Database.from_url(f"sqlite:///{path}")
+    try:
+        assert db.dialect_name == "sqlite"
+        assert path.parent.is_dir()
+    finally:
+        db.dispose()
+
+
+def test_sqlite_pragmas_in_effect_on_every_connection(tmp_path: Path) -> None:
+    db = Database.from_url(f"sqlite:///{tmp_path / 'p.db'}")
+    try:
+        with db.connect() as first, db.connect() as second:
+            for conn in (first, second):
+                pragma = conn.exec_driver_sql
+                assert pragma("PRAGMA journal_mode").scalar() == "wal"
+                assert pragma("PRAGMA synchronous").scalar() == 2  # FULL
+                assert pragma("PRAGMA foreign_keys").scalar() == 1
+                assert pragma("PRAGMA busy_timeout").scalar() == 10_000
+    finally:
+        db.dispose()
+
+
+def test_sqlite_begin_takes_the_write_lock_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "lock.db"
+    db = Database.from_url(f"sqlite:///{path}")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        # Nothing written yet, but BEGIN IMMEDIATE already holds the lock.
+        with db.begin(), pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        db.dispose()
+
+
+def test_sqlite_reads_do_not_block_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "read.db"
+    db = Database.from_url(f"sqlite:///{path}")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        with db.connect() as conn, conn.begin():
+            conn.exec_driver_sql("SELECT 1").scalar()
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+    finally:
+        other.close()
+        db.dispose()
+
+
+def test_dialect_name(db: Database, database_url: str) -> None:
+    assert db.dialect_name == database_url.split(":", 1)[0]
+
+
+def test_begin_commits_on_success_and_rolls_back_on_error(db: Database) -> None:
+    with db.begin() as conn:
+        create_account(conn, "kept")
+    with pytest.raises(RuntimeError, match="boom"):
+        _create_then_fail(db, "dropped")
+    with db.connect() as conn:
+        assert [a.name for a in list_accounts(conn)] == ["kept"]
+
+
+def _create_then_fail(db: Database, name: str) -> None:
+    with db.begin() as conn:
+        create_account(conn, name)
+        raise RuntimeError("boom")
+
+
+def test_a_refused_write_leaves_the_transaction_usable(db: Database) -> None:
+    with db.begin() as conn:
+        create_account(conn, "one")
+        with pytest.raises(AlreadyExists):
+            create_account(conn, "one")
+        create_account(conn, "two")
+    with db.connect() as conn:
+        assert [a.name for a in list_accounts(conn)] == ["one", "two"]
+
+
+def test_database_failure_inside_begin_is_store_error(db: Database) -> None:
+    with pytest.raises(StoreError, match="database error") as info, db.begin() as conn:
+        conn.exec_driver_sql("SELECT * FROM no_such_table")
+    assert isinstance(info.value.__cause__, sa.exc.DBAPIError)
+
+
+def test_postgres_scheme_and_query_string_are_kept(database_url: str) -> None:
+    if not database_url.startswith("postgresql://"):
+        pytest.skip("PostgreSQL URL forms")
+    schema = database_url.rsplit("%3D", 1)[1]
+    db = Database.from_url("postgres://" + database_url.removeprefix("postgresql://"))
+    try:
+        assert db.engine.url.drivername == "postgresql+psycopg"
+        with db.connect() as conn:
+            assert conn.execute(sa.select(sa.func.current_schema())).scalar() == schema
+    finally:
+        db.dispose()
+
+
+def test_url_property_masks_the_password(database_url: str) -> None:
+    if not database_url.startswith("postgresql://postgres@"):
+        pytest.skip("needs a PostgreSQL URL with a user to add a password to")
+    # The test server trusts local connections, so any password is accepted.
+    url = database_url.replace("postgres@", "postgres:s3cret-pw@", 1)
+    db = Database.from_url(url)
+    try:
+        assert "s3cret-pw" not in db.url
+        assert "postgres:***@" in db.url
+        assert "s3cret-pw" not in repr(db)
+    finally:
+        db.dispose()
+
+
+def test_unreachable_database_is_store_error_with_password_masked() -> None:
+    url = "postgresql://postlane:s3cret-pw@127.0.0.1:1/postlane"
+    with pytest.raises(StoreError) as info:
+        Database.from_url(url)
+    message = str(info.value)
+    assert "s3cret-pw" not in message
+    assert "postlane:***@127.0.0.1:1/postlane" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "postgresql://postlane:s3cret-pw@host:port/db",
+        "mysql://postlane:s3cret-pw@localhost/db",
+        "sqlite://",
+        "sqlite:///:memory:",
+    ],
+)
+def test_malformed_or_unsupported_url_is_store_error(url: str) -> None:
+    with pytest.raises(StoreError) as info:
+        Database.from_url(url)
+    assert "s3cret-pw" not in str(info.value)
+
+
+def test_unopenable_sqlite_file_is_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot open database"):
+        Database.from_url(f"sqlite:///{blocker / 'sub' / 'x.db'}")
+
+
+def test_mask_url_masks_passwords_even_in_broken_urls() -> None:
+    assert mask_url("postgresql://u:pw@h/db?x=1") == "postgresql://u:***@h/db?x=1"
+    assert "pw" not in mask_url("postgresql://u:pw@h:port/db")
+    assert mask_url("sqlite:////var/lib/postlane.db") == "sqlite:////var/lib/postlane.db"
+
+
+def test_connect_reads_committed_data(db: Database) -> None:
+    with db.begin() as conn:
+        created = create_account(conn, "visible")
+    with db.connect() as conn:
+        assert get_account(conn, "visible") == created

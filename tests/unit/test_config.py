@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from postlane import config
+from postlane.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("POSTLANE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_no_file_gives_working_defaults() -> None:
+    s = config.load_settings()
+    assert s.effective_database_url == "sqlite:///var/postlane.db"
+    assert [(li.port, li.tls, li.submission) for li in s.smtp.listeners] == [
+        (2525, "starttls", False),
+        (2465, "implicit", True),
+        (2587, "starttls", True),
+    ]
+    assert all(li.require_tls_for_auth for li in s.smtp.listeners)
+    assert s.http.port == 8025
+    assert s.hostname
+
+
+def test_file_and_environment_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(
+        'hostname = "smtp.example.com"\n[smtp]\nmax_recipients = 50\nmax_errors = 3\n'
+        '[[smtp.listeners]]\nport = 25\ntls = "none"\nsubmission = false\n'
+    )
+    monkeypatch.setenv("POSTLANE_SMTP__MAX_RECIPIENTS", "7")
+    monkeypatch.setenv("POSTLANE_DATABASE_URL", "postgresql://u:pw@db/postlane")
+    s = config.load_settings(path)
+    assert s.hostname == "smtp.example.com"
+    assert s.smtp.max_recipients == 7  # environment wins over the file
+    assert s.smtp.max_errors == 3
+    assert [(li.port, li.tls) for li in s.smtp.listeners] == [(25, "none")]
+    assert s.effective_database_url == "postgresql://u:pw@db/postlane"
+
+
+def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "elsewhere.toml"
+    path.write_text('hostname = "a.example.net"\n')
+    monkeypatch.setenv("POSTLANE_CONFIG", str(path))
+    assert config.load_settings().hostname == "a.example.net"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[smtp]\nmax_recipients = 0\n", "'smtp.max_recipients' = 0: Input should be greater"),
+        ("[[smtp.listeners]]\nport = 70000\n", "'smtp.listeners.0.port' = 70000"),
+        ('[[smtp.listeners]]\nport = 25\ntls = "ssl"\n', "'smtp.listeners.0.tls' = 'ssl'"),
+        ('[[smtp.listeners]]\nport = 25\naddress = "x.y"\n', "not an IP address: 'x.y'"),
+        ("[[smtp.listeners]]\ntls = 'none'\n", "setting 'smtp.listeners.0.port' is required"),
+        ("hostnme = 'x'\n", "unknown setting 'hostnme'"),
+        ("[smtp]\nmax_mesage_size = 5\n", "unknown setting 'smtp.max_mesage_size'"),
+        ('database_url = "mysql://x"\n', "'database_url' = 'mysql://x': must start with"),
+        ('hostname = "a..b"\n', "not a host name"),
+        ('secret_key = "short"\n', "'secret_key' = '***': must be at least 32"),
+        ('log_level = "loud"\n', "'log_level' = 'loud'"),
+    ],
+)
+def test_bad_values_name_key_and_value(tmp_path: Path, toml: str, expected: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        config.load_settings(path)
+    assert expected in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_bad_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTLANE_SMTP__MAX_MESSAGE_SIZE", "big")
+    with pytest.raises(ConfigError, match=r"'smtp.max_message_size' = 'big'"):
+        config.load_settings()
+
+
+def test_unreadable_or_invalid_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load_settings(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("hostname = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load_settings(bad)
+
+
+def test_example_file_parses_to_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "postlane.toml"
+    path.write_text(config.example_toml())
+    tomllib.loads(path.read_text())
+    loaded = config.load_settings(path)
+    assert loaded.model_dump(exclude={"hostname"}) == config.load_settings().model_dump(
+        exclude={"hostname"}
+    )
+
+
+def test_effective_settings_mask_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTLANE_DATABASE_URL", "postgresql://user:hunter2@db/x")
+    monkeypatch.setenv("POSTLANE_SECRET_KEY", "k" * 40)
+    data = config.effective_settings(config.load_settings())
+    text = config.to_toml(data)
+    assert "hunter2" not in text
+    assert "k" * 40 not in text
+    assert 'database_url = "postgresql://user:***@db/x"' in text
+    assert tomllib.loads(text)["smtp"]["listeners"][1]["port"] == 2465
+
+
+def _keys(model: type, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    keys = []
+    for name, info in model.model_fields.items():  # type: ignore[attr-defined]
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _keys(ann, f"{prefix}{name}.")
+        elif name == "listeners":
+            keys += _keys(config.ListenerSettings, f"{prefix}listeners.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_every_key_is_documented() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    missing = [key for key in _keys(config.Settings) if f"`{key}`" not in doc]
+    assert not missing, f"docs/configuration.md lacks {missing}"

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from postlane import crypto
+from postlane.errors import SecretError
+
+
+def test_master_key_created_once_private(tmp_path: Path) -> None:
+    first = crypto.load_or_create_master_key(None, tmp_path / "var")
+    path = tmp_path / "var" / crypto.SECRET_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert crypto.load_or_create_master_key(None, tmp_path / "var") == first
+    assert crypto.load_or_create_master_key("x" * 32, tmp_path / "var") == b"x" * 32
+
+
+def test_secret_box_round_trip_and_wrong_key() -> None:
+    box = crypto.SecretBox(b"a" * 32)
+    token = box.encrypt(b"private key")
+    assert b"private key" not in token
+    assert box.decrypt(token) == b"private key"
+    with pytest.raises(SecretError, match="cannot be decrypted"):
+        crypto.SecretBox(b"b" * 32).decrypt(token)
+
+
+def test_derived_keys_differ_by_purpose() -> None:
+    assert crypto.derive_key(b"m" * 32, "a") != crypto.derive_key(b"m" * 32, "b")
+
+
+def test_password_hash_is_argon2_and_verifies() -> None:
+    password = crypto.generate_password()
+    assert len(password) == 24
+    hashed = crypto.hash_password(password)
+    assert hashed.startswith("$argon2id$")
+    assert password not in hashed
+    assert crypto.verify_password(hashed, password)
+    assert not crypto.verify_password(hashed, password + "x")
+    assert not crypto.verify_password("not a hash", password)
