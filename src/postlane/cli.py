@@ -135,7 +135,7 @@ def init(
     _state.config_file = target
     _state.box  # noqa: B018 - creates data_dir/secret.key when no secret_key is set
     migrate.upgrade(_state.raw_db)
-    out.print(f"database ready: {config.mask_url(_state.settings.effective_database_url)}")
+    out.print(f"database ready: {_state.raw_db.url}")
 
 
 @db_app.command("upgrade")

@@ -20,7 +20,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from postlane.errors import ConfigError
@@ -72,6 +80,15 @@ class ListenerSettings(_Section):
     @classmethod
     def _valid_address(cls, value: str) -> str:
         return _check_address(value)
+
+    @model_validator(mode="after")
+    def _proxy_with_tls(self) -> ListenerSettings:
+        if self.proxy_protocol and self.tls == "implicit":
+            raise ValueError(
+                "proxy_protocol cannot be combined with tls = 'implicit': terminate TLS "
+                "at the load balancer, or use tls = 'starttls'"
+            )
+        return self
 
 
 def _default_listeners() -> list[ListenerSettings]:
@@ -274,19 +291,10 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
 
 
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, host = rest.rpartition("@")
-    if ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    return f"{scheme}://{userinfo}@{host}"
-
-
 def effective_settings(settings: Settings) -> dict[str, Any]:
     """Settings as plain data with secrets masked (for ``postlane config show``)."""
+    from postlane.store.db import mask_url
+
     data = settings.model_dump(mode="json")
     if settings.secret_key is not None:
         data["secret_key"] = "***"

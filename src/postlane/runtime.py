@@ -14,7 +14,7 @@ import signal
 from typing import Protocol
 
 from postlane import crypto
-from postlane.config import Settings, mask_url
+from postlane.config import Settings
 from postlane.store import Database
 
 log = logging.getLogger("postlane")
@@ -31,8 +31,32 @@ class Role(Protocol):
 
 
 def build_roles(settings: Settings, db: Database, box: crypto.SecretBox) -> list[Role]:
-    """The roles this build of Postlane has."""
-    return []
+    """The roles this build of Postlane has: so far, the SMTP submission server."""
+    from postlane.intake.committer import GroupCommitter
+    from postlane.smtp.auth_guard import CredentialCache, FailureThrottle
+    from postlane.smtp.authenticator import Authenticator
+    from postlane.smtp.server import SmtpServer
+    from postlane.smtp.tls import TlsContextHolder, certificate_paths
+    from postlane.tenants.directory import TenantDirectory
+
+    smtp = settings.smtp
+    tls = TlsContextHolder(
+        certificate_paths(settings.hostname, settings.data_dir, smtp.tls_cert, smtp.tls_key)
+    )
+    directory = TenantDirectory(db)
+    authenticator = Authenticator(
+        directory,
+        CredentialCache(settings.auth.cache_ttl),
+        FailureThrottle(settings.auth.max_failures, settings.auth.failure_window),
+    )
+    directory.on_change = authenticator.on_tenants_changed
+    committer = GroupCommitter(
+        db,
+        max_delay=smtp.commit_max_delay,
+        max_batch=smtp.commit_max_batch,
+        duplicate_window=smtp.duplicate_window,
+    )
+    return [SmtpServer(settings, directory, authenticator, committer, tls)]
 
 
 async def serve(settings: Settings, db: Database, box: crypto.SecretBox) -> None:
@@ -48,7 +72,7 @@ async def serve(settings: Settings, db: Database, box: crypto.SecretBox) -> None
             await role.start()
             started.append(role)
         names = ", ".join(r.name for r in started) or "no roles yet"
-        log.info("postlane running (%s); database %s", names, mask_url(db.url))
+        log.info("postlane running (%s); database %s", names, db.url)
         print("postlane running: " + names, flush=True)
         await stop.wait()
         log.info("stop signal received, shutting down")

@@ -1,0 +1,130 @@
+"""Making SMTP AUTH cheap for honest clients and expensive for guessers.
+
+Argon2 is slow on purpose (tens of milliseconds of CPU), and most applications
+open a new connection and authenticate for every message they send. Verifying
+each time would cap a two-core server at a few dozen messages a second. So a
+credential that verified once is remembered for a short while, keyed by an
+HMAC of username and password under a per-process key: the password itself is
+never kept, and the remembered entry is bound to the stored hash, so a reset
+invalidates it even before it is dropped.
+
+Guessing is throttled per client IP and per username: past the limit the
+session is closed with ``421 4.7.0`` before any verification work is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True)
+class _Remembered:
+    username: str
+    password_hash: str
+    expires: float
+
+
+class CredentialCache:
+    """Verified credentials, remembered as keyed digests for ``ttl`` seconds."""
+
+    def __init__(self, ttl: float, *, key: bytes | None = None, clock: Clock = time.monotonic):
+        self._key = key or os.urandom(32)
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: dict[bytes, _Remembered] = {}
+        self._max_entries = 100_000
+
+    def _digest(self, username: str, password: str) -> bytes:
+        message = username.lower().encode() + b"\0" + password.encode("utf-8", "surrogatepass")
+        return hmac.digest(self._key, message, hashlib.sha256)
+
+    def verified(self, username: str, password: str, password_hash: str) -> bool:
+        """True when this exact credential verified against this exact hash recently."""
+        if self._ttl <= 0:
+            return False
+        key = self._digest(username, password)
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        if entry.expires < self._clock() or not hmac.compare_digest(
+            entry.password_hash, password_hash
+        ):
+            del self._entries[key]
+            return False
+        return True
+
+    def remember(
+        self, username: str, password: str, password_hash: str, *, owner: str | None = None
+    ) -> None:
+        """Remember a verified credential; ``owner`` is the user's own name when the
+        login was an alias (an email address), so forget_user() finds it."""
+        if self._ttl <= 0:
+            return
+        if len(self._entries) >= self._max_entries:
+            self._sweep()
+        key = self._digest(username, password)
+        name = (owner or username).lower()
+        self._entries[key] = _Remembered(name, password_hash, self._clock() + self._ttl)
+
+    def forget_user(self, username: str) -> None:
+        """Drop every remembered credential of a user (password reset, user disabled)."""
+        name = username.lower()
+        for key in [k for k, e in self._entries.items() if e.username == name]:
+            del self._entries[key]
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for key in [k for k, e in self._entries.items() if e.expires < now]:
+            del self._entries[key]
+        if len(self._entries) >= self._max_entries:  # all fresh: drop the oldest half
+            for key in list(self._entries)[: self._max_entries // 2]:
+                del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class FailureThrottle:
+    """Counts failed AUTH attempts per client IP and per username in a sliding window."""
+
+    def __init__(self, max_failures: int, window: float, *, clock: Clock = time.monotonic):
+        self._max = max_failures
+        self._window = window
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str) -> int:
+        times = self._failures.get(key)
+        if not times:
+            return 0
+        horizon = self._clock() - self._window
+        while times and times[0] < horizon:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return 0
+        return len(times)
+
+    def blocked(self, ip: str, username: str | None = None) -> bool:
+        """True when the IP, or the username, has failed too often recently."""
+        if self._recent(f"ip:{ip}") >= self._max:
+            return True
+        return username is not None and self._recent(f"user:{username.lower()}") >= self._max
+
+    def record_failure(self, ip: str, username: str | None) -> None:
+        now = self._clock()
+        keys = [f"ip:{ip}"] + ([f"user:{username.lower()}"] if username else [])
+        for key in keys:
+            times = self._failures.setdefault(key, deque(maxlen=self._max))
+            times.append(now)
+        if len(self._failures) > 100_000:
+            for key in list(self._failures):
+                self._recent(key)

@@ -1,0 +1,87 @@
+"""Deciding an SMTP AUTH: who is this, may they send, and how fast can we say so.
+
+The answer never says which part was wrong (unknown user, wrong password,
+inactive user, SMTP disabled for the account): all are ``535 5.7.8``, so the
+reply cannot be used to discover user names. For the same reason an unknown
+user still costs one Argon2 verification against a dummy hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from postlane import crypto, metrics
+from postlane.smtp.auth_guard import CredentialCache, FailureThrottle
+from postlane.store.smtp_users import SmtpUser
+from postlane.tenants.directory import TenantDirectory, TenantSnapshot
+
+log = logging.getLogger("postlane.smtp.auth")
+
+_DUMMY_HASH = crypto.hash_password("postlane: a password nobody has")
+
+Verdict = Literal["ok", "invalid", "throttled"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    verdict: Verdict
+    user: SmtpUser | None = None
+
+
+class Authenticator:
+    def __init__(
+        self, directory: TenantDirectory, cache: CredentialCache, throttle: FailureThrottle
+    ) -> None:
+        self._directory = directory
+        self._cache = cache
+        self._throttle = throttle
+
+    def on_tenants_changed(self, old: TenantSnapshot, new: TenantSnapshot) -> None:
+        """Forget remembered credentials of users who were reset, disabled or removed."""
+        for login, user in old.users.items():
+            fresh = new.users.get(login)
+            if fresh is None or not fresh.active or fresh.password_hash != user.password_hash:
+                self._cache.forget_user(user.username)
+        for account_id, account in new.accounts.items():
+            if not account.smtp_enabled and old.accounts.get(account_id, account).smtp_enabled:
+                for user in new.users.values():
+                    if user.account_id == account_id:
+                        self._cache.forget_user(user.username)
+
+    def quick(self, ip: str, username: str, password: str) -> AuthResult | None:
+        """The answer without hashing when there is one (throttled, or remembered)."""
+        if self._throttle.blocked(ip, username):
+            metrics.SMTP_AUTH_FAILURES.labels("throttled").inc()
+            log.warning("auth throttled ip=%s user=%r", ip, username)
+            return AuthResult("throttled")
+        user = self._usable(username)
+        if user is not None and self._cache.verified(username, password, user.password_hash):
+            return AuthResult("ok", user)
+        return None
+
+    async def verify(self, ip: str, username: str, password: str) -> AuthResult:
+        """The full check, Argon2 in a worker thread so other sessions keep going."""
+        user = self._usable(username)
+        password_hash = user.password_hash if user is not None else _DUMMY_HASH
+        matched = await asyncio.to_thread(crypto.verify_password, password_hash, password)
+        user = self._usable(username)  # the snapshot may have been refreshed meanwhile
+        if matched and user is not None and user.password_hash == password_hash:
+            self._cache.remember(username, password, password_hash, owner=user.username)
+            return AuthResult("ok", user)
+        self._throttle.record_failure(ip, username)
+        metrics.SMTP_AUTH_FAILURES.labels("invalid").inc()
+        log.warning("auth failed ip=%s user=%r", ip, username)
+        return AuthResult("invalid")
+
+    def _usable(self, username: str) -> SmtpUser | None:
+        snapshot = self._directory.snapshot
+        user = snapshot.login(username)
+        if user is None or not user.active:
+            return None
+        account = snapshot.accounts.get(user.account_id)
+        if account is None or not account.smtp_enabled:
+            return None
+        return user

@@ -1,0 +1,580 @@
+"""The SMTP listeners: sockets, TLS and timers around the sans-IO engine.
+
+This module only moves bytes and calls decisions made elsewhere: the protocol
+is ``protocol.Connection``, authentication is ``Authenticator``, what happens
+to a message is ``intake.pipeline`` and ``GroupCommitter``. Each session is an
+``asyncio.Protocol`` (no stream wrappers, no task per connection) because the
+per-connection cost is what decides how many clients one process can hold and
+how many messages a second it can take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, cast
+
+from postlane import metrics
+from postlane.config import ListenerSettings, Settings
+from postlane.errors import CommitFailed, InvalidInput, MessageRejected
+from postlane.intake import pipeline
+from postlane.intake.committer import CommitResult, GroupCommitter
+from postlane.intake.queue_id import new_queue_id
+from postlane.smtp import protocol as p
+from postlane.smtp.authenticator import Authenticator
+from postlane.smtp.proxy import parse_proxy_header
+from postlane.smtp.tls import TlsContextHolder
+from postlane.store.intake import NewMessage
+from postlane.store.schema import utc_now
+from postlane.tenants.directory import TenantDirectory
+
+log = logging.getLogger("postlane.smtp")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerContext:
+    """What every session of one listener shares."""
+
+    name: str
+    settings: ListenerSettings
+    policy: p.SessionPolicy
+    limits: pipeline.IntakeLimits
+    command_timeout: float
+    data_timeout: float
+
+
+class SmtpSession(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(
+        self,
+        listener: ListenerContext,
+        directory: TenantDirectory,
+        authenticator: Authenticator,
+        committer: GroupCommitter,
+        tls: TlsContextHolder,
+        on_close: Callable[[SmtpSession], None],
+    ) -> None:
+        self._listener = listener
+        self._on_close = on_close
+        self.task: asyncio.Future[None] | None = None
+        self._directory = directory
+        self._auth = authenticator
+        self._committer = committer
+        self._tls = tls
+        self._transport: asyncio.Transport | None = None
+        self._conn: p.Connection | None = None
+        self._proxy_buffer: bytearray | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._busy = False  # an asynchronous decision is under way
+        self._in_transaction = False
+        self._closing = False
+        self.session_id = new_queue_id()
+        self.client_ip = "unknown"
+        self.helo = ""
+        self.tls_info: str | None = None
+        self.sender: pipeline.Sender | None = None
+        self.bounce_account: int | None = None
+        self.accepted = 0
+        self.rejected = 0
+        self.close_reason = "closed"
+        self.started = time.monotonic()
+
+    # -- asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = self._transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else "unknown"
+        metrics.SMTP_CONNECTIONS.labels(self._listener.name).inc()
+        metrics.SMTP_SESSIONS_ACTIVE.inc()
+        self._arm_timer()
+        if self._listener.settings.proxy_protocol:
+            self._proxy_buffer = bytearray()
+            return
+        self._begin()
+
+    def data_received(self, data: bytes) -> None:
+        self._arm_timer()
+        if self._proxy_buffer is not None:
+            self._proxy_data(data)
+            return
+        if self._conn is None:
+            return
+        self._conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.receive_data(b"")
+            self._pump()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        metrics.SMTP_SESSIONS_ACTIVE.dec()
+        if self._timer is not None:
+            self._timer.cancel()
+        if exc is not None and self.close_reason == "closed":
+            self.close_reason = f"connection lost: {exc}"
+        log.info(
+            "session=%s client=%s user=%s tls=%s accepted=%d rejected=%d seconds=%.3f result=%s",
+            self.session_id,
+            self.client_ip,
+            self.sender.name if self.sender else "-",
+            self.tls_info or "none",
+            self.accepted,
+            self.rejected,
+            time.monotonic() - self.started,
+            self.close_reason,
+        )
+        self._transport = None
+        self._on_close(self)
+
+    # -- session start -------------------------------------------------------------
+
+    def _proxy_data(self, data: bytes) -> None:
+        assert self._proxy_buffer is not None
+        self._proxy_buffer += data
+        try:
+            info, used = parse_proxy_header(bytes(self._proxy_buffer))
+        except InvalidInput as exc:
+            self.close_reason = f"bad PROXY header: {exc}"
+            self._abort()
+            return
+        if used == 0:
+            if len(self._proxy_buffer) > 536:
+                self.close_reason = "PROXY header too long"
+                self._abort()
+            return
+        rest = bytes(self._proxy_buffer[used:])
+        self._proxy_buffer = None
+        if info is not None and info.source_address:
+            self.client_ip = info.source_address
+        self._begin(rest)
+
+    def _begin(self, early: bytes = b"") -> None:
+        implicit = self._listener.settings.tls == "implicit"
+        if implicit:  # the event loop did the handshake before connection_made
+            self.tls_info = _tls_description(self._transport)
+        self._start_engine(tls_active=implicit)
+        if early:
+            self.data_received(early)
+
+    def _start_engine(self, *, tls_active: bool) -> None:
+        self._conn = p.Connection(self._listener.policy, tls_active=tls_active)
+        account = self._directory.snapshot.trusted_account(self.client_ip)
+        if account is not None and account.smtp_enabled:
+            self.sender = self._sender_for(account.id, None)
+            self._conn.authenticate_as(f"trusted:{account.name}")
+        self._flush()
+
+    # -- the event loop of one session --------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        while not self._busy and (event := conn.next_event()) is not None:
+            self._handle(event)
+        self._flush()
+
+    def _handle(self, event: p.Event) -> None:
+        conn = self._conn
+        assert conn is not None
+        if isinstance(event, p.Hello):
+            self.helo = event.name
+        elif isinstance(event, p.StartTLS):
+            self._flush()
+            self._go_async(self._upgrade())
+        elif isinstance(event, p.AuthAttempt):
+            self._authenticate(event)
+        elif isinstance(event, p.MailFrom):
+            conn.answer(self._mail_from(event))
+        elif isinstance(event, p.Rcpt):
+            conn.answer(self._rcpt(event))
+        elif isinstance(event, p.MessageReceived):
+            self._message(event)
+        elif isinstance(event, p.Reset):
+            self._in_transaction = False
+            self.bounce_account = None
+        elif isinstance(event, p.CloseRequested):
+            self.close_reason = event.reason
+            self._flush()
+            self._close()
+
+    def _go_async(self, coro: Any) -> None:
+        """Run a decision that waits (hashing, committing); input waits with it."""
+        self._busy = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+        self.task = asyncio.ensure_future(self._run_async(coro))
+
+    async def _run_async(self, coro: Any) -> None:
+        try:
+            await coro
+        except Exception:
+            log.exception("session=%s internal error", self.session_id)
+            self.close_reason = "internal error"
+            self._write(p.Reply(421, "4.3.0", ("Internal error, closing connection",)).to_bytes())
+            self._close()
+            return
+        finally:
+            self._busy = False
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+            self._pump()
+
+    # -- STARTTLS and implicit TLS ---------------------------------------------------------
+
+    async def _upgrade(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await loop.start_tls(
+                transport, self, self._tls.context, server_side=True, ssl_handshake_timeout=30
+            )
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+            self.close_reason = f"TLS handshake failed: {exc}"
+            self._abort()
+            return
+        if new_transport is None:
+            self.close_reason = "TLS handshake failed"
+            return
+        self._transport = new_transport
+        self.tls_info = _tls_description(new_transport)
+        assert self._conn is not None
+        self._conn.tls_started()
+        self._flush()
+
+    # -- AUTH ---------------------------------------------------------------------------------
+
+    def _authenticate(self, event: p.AuthAttempt) -> None:
+        conn = self._conn
+        assert conn is not None
+        result = self._auth.quick(self.client_ip, event.username, event.password)
+        if result is None:
+            self._go_async(self._authenticate_slowly(event))
+            return
+        self._auth_result(event, result.verdict, result.user)
+
+    async def _authenticate_slowly(self, event: p.AuthAttempt) -> None:
+        result = await self._auth.verify(self.client_ip, event.username, event.password)
+        self._auth_result(event, result.verdict, result.user)
+
+    def _auth_result(self, event: p.AuthAttempt, verdict: str, user: Any) -> None:
+        conn = self._conn
+        assert conn is not None
+        if verdict == "ok" and user is not None:
+            self.sender = self._sender_for(user.account_id, user)
+            conn.auth_succeeded(user.username)
+        elif verdict == "throttled":
+            conn.auth_failed(p.Reply(421, "4.7.0", ("Too many failed authentications, try later",)))
+            self.close_reason = "auth throttled"
+            self._flush()
+            self._close()
+        else:
+            conn.auth_failed()
+            if self._auth.quick(self.client_ip, event.username, "") is not None:
+                # that failure crossed the limit: say so and hang up
+                self._write(p.Reply(421, "4.7.0", ("Too many failed authentications",)).to_bytes())
+                self.close_reason = "auth throttled"
+                self._close()
+
+    def _sender_for(self, account_id: int, user: Any) -> pipeline.Sender:
+        snapshot = self._directory.snapshot
+        return pipeline.Sender(
+            account=snapshot.accounts[account_id],
+            user=user,
+            sending_domains=snapshot.sending_domains(account_id),
+        )
+
+    # -- envelope -------------------------------------------------------------------------------
+
+    def _mail_from(self, event: p.MailFrom) -> p.Reply | None:
+        self._in_transaction = True
+        sender = self.sender
+        if sender is None:
+            return None  # unauthenticated (non-submission listener): judged per recipient
+        if not self._directory.snapshot.accounts.get(
+            sender.account.id, sender.account
+        ).smtp_enabled:
+            return p.Reply(550, "5.7.1", ("Sending is disabled for this account",))
+        problems = pipeline.envelope_sender_problems(sender, event.address)
+        if problems and sender.account.unauthorised_sender_policy == "block":
+            return p.Reply(550, "5.7.1", (_ascii(problems[0].reason),))
+        return None
+
+    def _rcpt(self, event: p.Rcpt) -> p.Reply | None:
+        if self.sender is not None:
+            return None
+        domain = event.address.rpartition("@")[2].lower()
+        snapshot = self._directory.snapshot
+        if domain not in snapshot.bounce_domains:
+            return p.Reply(554, "5.7.1", (f"<{_ascii(event.address)}>: Relay access denied",))
+        owner = next(
+            (
+                d.account_id
+                for ds in snapshot.domains.values()
+                for d in ds
+                if f"{d.return_path_subdomain}.{d.name}" == domain
+            ),
+            None,
+        )
+        if self.bounce_account is not None and owner != self.bounce_account:
+            return p.Reply(452, "4.5.3", ("Too many recipients, send the rest separately",))
+        self.bounce_account = owner
+        return None
+
+    # -- the message ---------------------------------------------------------------------------
+
+    def _message(self, event: p.MessageReceived) -> None:
+        queue_id = new_queue_id()
+        now = utc_now()
+        try:
+            message = self._build(event, queue_id, now)
+        except MessageRejected as exc:
+            self._rejected(exc.code, exc.enhanced, exc.text, queue_id)
+            return
+        self._go_async(self._commit(message, len(event.recipients)))
+
+    def _build(self, event: p.MessageReceived, queue_id: str, now: Any) -> NewMessage:
+        envelope = pipeline.Envelope(
+            session_id=self.session_id,
+            client_ip=self.client_ip,
+            helo=self.helo,
+            tls=self.tls_info,
+            authenticated=self.sender is not None and self.sender.user is not None,
+            mail_from=event.mail_from,
+            recipients=event.recipients,
+            data=event.data,
+            eight_bit=event.body == "8BITMIME" or event.smtputf8,
+        )
+        if self.sender is not None:
+            accepted = pipeline.accept(
+                self.sender, envelope, queue_id=queue_id, now=now, limits=self._listener.limits
+            )
+            return accepted.message
+        if self.bounce_account is None:
+            raise MessageRejected(554, "5.7.1", "Relay access denied")
+        return pipeline.inbound(
+            self.bounce_account, envelope, queue_id=queue_id, now=now, limits=self._listener.limits
+        )
+
+    async def _commit(self, message: NewMessage, recipients: int) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            result: CommitResult = await self._committer.commit(message)
+        except CommitFailed as exc:
+            log.error("session=%s queue_id=%s commit failed: %s", self.session_id, message.id, exc)
+            self._rejected(451, "4.3.0", "Temporary storage failure, try again later", message.id)
+            return
+        self._in_transaction = False
+        self.accepted += 1
+        metrics.SMTP_MESSAGES_ACCEPTED.inc()
+        metrics.SMTP_MESSAGE_BYTES.inc(len(message.raw))
+        metrics.SMTP_MESSAGE_SIZE.observe(len(message.raw))
+        note = f" duplicate_of={result.duplicate_of}" if result.duplicate_of else ""
+        log.info(
+            "session=%s queue_id=%s client=%s user=%s tls=%s size=%d recipients=%d "
+            "result=accepted%s",
+            self.session_id,
+            result.queue_id,
+            self.client_ip,
+            self.sender.name if self.sender else "-",
+            self.tls_info or "none",
+            len(message.raw),
+            recipients,
+            note,
+        )
+        text = f"Ok: queued as {result.queue_id} LaunchID={result.queue_id}"
+        conn.answer_message(p.Reply(250, "2.0.0", (text,)))
+
+    def _rejected(self, code: int, enhanced: str, text: str, queue_id: str) -> None:
+        assert self._conn is not None
+        self._in_transaction = False
+        self.rejected += 1
+        metrics.SMTP_MESSAGES_REJECTED.labels(enhanced).inc()
+        log.info(
+            "session=%s queue_id=%s client=%s user=%s result=rejected reply=%d %s %s",
+            self.session_id,
+            queue_id,
+            self.client_ip,
+            self.sender.name if self.sender else "-",
+            code,
+            enhanced,
+            text,
+        )
+        self._conn.answer_message(p.Reply(code, enhanced, (_ascii(text),)))
+
+    # -- output, timers, closing -----------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._conn is not None:
+            data = self._conn.data_to_send()
+            if data:
+                self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        limit = (
+            self._listener.data_timeout if self._in_transaction else self._listener.command_timeout
+        )
+        self._timer = asyncio.get_running_loop().call_later(limit, self._timed_out)
+
+    def _timed_out(self) -> None:
+        if self._busy:  # our own work is slow, not the client: wait again
+            self._arm_timer()
+            return
+        self.close_reason = "timeout"
+        if self._conn is not None:
+            self._conn.timed_out()
+            self._flush()
+        self._close()
+
+    def shutdown(self) -> None:
+        """Server is stopping: idle sessions are told so and closed; busy ones finish."""
+        if self._busy or self._closing:
+            return
+        self.close_reason = "server shutdown"
+        self._write(p.Reply(421, "4.3.2", ("Service shutting down, try again later",)).to_bytes())
+        self._close()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def _close(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _tls_description(transport: asyncio.BaseTransport | None) -> str | None:
+    """ "TLSv1.3 TLS_AES_256_GCM_SHA384", for logs, events and the Received header."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
+
+
+def _ascii(text: str) -> str:
+    """Reply text must be printable ASCII: replace anything else (e.g. UTF-8 addresses)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
+
+
+class SmtpServer:
+    """The SMTP role: every configured listener, the tenant cache and the intake writer."""
+
+    name = "smtp"
+
+    def __init__(
+        self,
+        settings: Settings,
+        directory: TenantDirectory,
+        authenticator: Authenticator,
+        committer: GroupCommitter,
+        tls: TlsContextHolder,
+    ) -> None:
+        self._settings = settings
+        self._directory = directory
+        self._auth = authenticator
+        self._committer = committer
+        self._tls = tls
+        self._servers: list[asyncio.Server] = []
+        self._sessions: set[SmtpSession] = set()
+        self._refresh: asyncio.Task[None] | None = None
+
+    def _context(self, listener: ListenerSettings) -> ListenerContext:
+        s = self._settings.smtp
+        policy = p.SessionPolicy(
+            hostname=self._settings.hostname,
+            max_message_size=s.max_message_size,
+            max_recipients=s.max_recipients,
+            max_errors=s.max_errors,
+            max_command_line=s.max_line_length,
+            starttls_available=listener.tls == "starttls",
+            require_tls_for_auth=listener.require_tls_for_auth,
+            allow_plaintext_auth=listener.allow_plaintext_auth,
+            auth_required=listener.submission,
+        )
+        limits = pipeline.IntakeLimits(
+            hostname=self._settings.hostname,
+            max_received=s.max_received_headers,
+            max_queue_lifetime=timedelta(seconds=self._settings.delivery.max_queue_lifetime),
+            duplicate_detection=s.duplicate_window > 0,
+        )
+        return ListenerContext(
+            name=f"{listener.address}:{listener.port}",
+            settings=listener,
+            policy=policy,
+            limits=limits,
+            command_timeout=s.command_timeout,
+            data_timeout=s.data_timeout,
+        )
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._directory.reload)
+        self._committer.start()
+        loop = asyncio.get_running_loop()
+        for listener in self._settings.smtp.listeners:
+            context = self._context(listener)
+
+            def factory(context: ListenerContext = context) -> SmtpSession:
+                session = SmtpSession(
+                    context,
+                    self._directory,
+                    self._auth,
+                    self._committer,
+                    self._tls,
+                    self._sessions.discard,
+                )
+                self._sessions.add(session)
+                return session
+
+            server = await loop.create_server(
+                factory,
+                listener.address,
+                listener.port,
+                reuse_address=True,
+                backlog=1024,
+                ssl=self._tls.context if listener.tls == "implicit" else None,
+                ssl_handshake_timeout=30 if listener.tls == "implicit" else None,
+            )
+            self._servers.append(server)
+            log.info("SMTP listening on %s (tls=%s)", context.name, listener.tls)
+        self._refresh = asyncio.ensure_future(self._directory.run())
+        loop.add_signal_handler(signal.SIGHUP, self._tls.reload)
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for session in list(self._sessions):
+            session.shutdown()
+        in_flight = [s.task for s in self._sessions if s.task is not None and not s.task.done()]
+        if in_flight:  # messages being committed get their 250 before we go
+            await asyncio.wait(in_flight, timeout=30)
+        if self._refresh is not None:
+            self._refresh.cancel()
+        await asyncio.to_thread(self._committer.stop)

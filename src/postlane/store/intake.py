@@ -1,0 +1,157 @@
+"""Writing accepted messages: the one statement set behind every ``250 queued``.
+
+A message is stored once (its raw bytes), with one row per envelope recipient
+and an ``accepted`` event, all in the transaction the caller holds. Many
+messages go into one transaction (group commit), so the inserts here take
+batches and use executemany: one round trip per table, not per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from postlane.store.schema import alerts, events, messages, recipients
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    address: str
+    domain: str
+    priority: int
+    next_attempt_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """Everything intake decided about one message, ready to be written."""
+
+    id: str
+    account_id: int
+    smtp_user_id: int | None
+    mail_from: str
+    header_from: str
+    message_id_header: str | None
+    subject: str | None
+    raw: bytes
+    options: dict[str, Any]
+    client_ip: str | None
+    tls: str | None
+    received_at: datetime
+    dedupe_key: str | None
+    recipients: tuple[NewRecipient, ...]
+    event_data: dict[str, Any] = field(default_factory=dict)
+    event_type: str = "accepted"  # "inbound" for mail to a bounce domain
+    alerts: tuple[str, ...] = ()  # sender-policy violations accepted under "alert"
+
+
+def find_duplicates(conn: Connection, keys: Sequence[str], since: datetime) -> dict[str, str]:
+    """Dedupe key -> id of the message first accepted with it since ``since``."""
+    if not keys:
+        return {}
+    query = (
+        sa.select(messages.c.dedupe_key, sa.func.min(messages.c.id))
+        .where(messages.c.dedupe_key.in_(sorted(set(keys))))
+        .where(messages.c.received_at >= since)
+        .where(messages.c.duplicate_of.is_(None))
+        .group_by(messages.c.dedupe_key)
+    )
+    return {str(key): str(first) for key, first in conn.execute(query)}
+
+
+def insert_messages(conn: Connection, batch: Sequence[NewMessage]) -> None:
+    """Store messages, their recipients and their ``accepted`` events."""
+    if not batch:
+        return
+    conn.execute(
+        messages.insert(),
+        [
+            {
+                "id": m.id,
+                "account_id": m.account_id,
+                "smtp_user_id": m.smtp_user_id,
+                "mail_from": m.mail_from,
+                "header_from": m.header_from,
+                "message_id_header": m.message_id_header,
+                "subject": m.subject,
+                "size": len(m.raw),
+                "raw": m.raw,
+                "options": m.options,
+                "client_ip": m.client_ip,
+                "tls": m.tls,
+                "received_at": m.received_at,
+                "dedupe_key": m.dedupe_key,
+            }
+            for m in batch
+        ],
+    )
+    rows = [
+        {
+            "message_id": m.id,
+            "account_id": m.account_id,
+            "address": r.address,
+            "domain": r.domain,
+            "status": "queued",
+            "priority": r.priority,
+            "next_attempt_at": r.next_attempt_at,
+            "expires_at": r.expires_at,
+            "created_at": m.received_at,
+            "updated_at": m.received_at,
+        }
+        for m in batch
+        for r in m.recipients
+    ]
+    if rows:
+        conn.execute(recipients.insert(), rows)
+    conn.execute(
+        events.insert(),
+        [
+            {
+                "account_id": m.account_id,
+                "message_id": m.id,
+                "type": m.event_type,
+                "created_at": m.received_at,
+                "data": m.event_data,
+            }
+            for m in batch
+        ],
+    )
+    alert_rows = [
+        {
+            "account_id": m.account_id,
+            "smtp_user_id": m.smtp_user_id,
+            "kind": "unauthorised_sender",
+            "message": text,
+            "message_id": m.id,
+            "created_at": m.received_at,
+        }
+        for m in batch
+        for text in m.alerts
+    ]
+    if alert_rows:
+        conn.execute(alerts.insert(), alert_rows)
+
+
+def record_duplicates(conn: Connection, duplicates: Sequence[tuple[NewMessage, str]]) -> None:
+    """A resubmission is not queued again; its arrival is an event on the original."""
+    if not duplicates:
+        return
+    conn.execute(
+        events.insert(),
+        [
+            {
+                "account_id": m.account_id,
+                "message_id": original,
+                "type": "duplicate",
+                "created_at": m.received_at,
+                "data": {**m.event_data, "resubmitted_as": m.id},
+            }
+            for m, original in duplicates
+        ],
+    )

@@ -1,0 +1,29 @@
+"""A cheap test for "did any tenant change?", so readers can cache tenants in memory.
+
+The SMTP server answers AUTH and checks senders from an in-memory copy of the
+tenant tables; other processes (the CLI, another node) change those tables.
+Comparing this fingerprint every second costs three index lookups and tells
+when to reload, so a password reset or a disabled user takes effect within
+the refresh interval on every node, with no messaging between processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from postlane.store.schema import accounts, sending_domains, smtp_users
+
+
+def tenants_fingerprint(conn: Connection) -> tuple[Any, ...]:
+    """Counts and latest change times of accounts, SMTP users and sending domains."""
+    parts = []
+    for table in (accounts, smtp_users, sending_domains):
+        parts.append(sa.select(sa.func.count(), sa.func.max(table.c.updated_at)).select_from(table))
+    row: list[Any] = []
+    for query in parts:
+        count, latest = conn.execute(query).one()
+        row += [count, latest]
+    return tuple(row)

@@ -1,0 +1,135 @@
+"""An in-memory copy of the tenant tables, for the checks every SMTP session makes.
+
+AUTH, trusted-network lookups and sender policy happen for every message; a
+database round trip for each would cost more than the rest of intake. The
+tenant tables are small and change rarely, so the SMTP server keeps a snapshot
+and reloads it when the store's fingerprint changes (see
+``store.tenant_changes``), which bounds how long a reset password or a
+disabled user keeps working to one refresh interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from postlane.store import Database
+from postlane.store.accounts import Account, list_accounts
+from postlane.store.domains import SendingDomain, list_domains
+from postlane.store.smtp_users import SmtpUser, list_smtp_users
+from postlane.store.tenant_changes import tenants_fingerprint
+
+log = logging.getLogger("postlane.tenants")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSnapshot:
+    """Tenants as of one moment, indexed for the lookups a session makes."""
+
+    accounts: dict[int, Account] = field(default_factory=dict)
+    users: dict[str, SmtpUser] = field(default_factory=dict)  # lower-cased login -> user
+    domains: dict[int, tuple[SendingDomain, ...]] = field(default_factory=dict)
+    networks: tuple[tuple[IPNetwork, int], ...] = ()  # most specific first
+    bounce_domains: frozenset[str] = frozenset()
+
+    @classmethod
+    def build(
+        cls,
+        accounts: list[Account],
+        users: list[SmtpUser],
+        domains: list[SendingDomain],
+    ) -> TenantSnapshot:
+        by_id = {a.id: a for a in accounts}
+        logins: dict[str, SmtpUser] = {u.username.lower(): u for u in users}
+        # "Allow login with email address": an authorised sender address logs
+        # in as its user, unless it is somebody's username or names two users.
+        aliases: dict[str, list[SmtpUser]] = {}
+        for user in users:
+            account = by_id.get(user.account_id)
+            if account is None or not account.allow_email_login:
+                continue
+            for address in user.authorised_senders:
+                aliases.setdefault(address.lower(), []).append(user)
+        for address, owners in aliases.items():
+            if len(owners) == 1 and address not in logins:
+                logins[address] = owners[0]
+        per_account: dict[int, list[SendingDomain]] = {}
+        for domain in domains:
+            per_account.setdefault(domain.account_id, []).append(domain)
+        networks: list[tuple[IPNetwork, int]] = []
+        for account in accounts:
+            for text in account.trusted_networks:
+                networks.append((ipaddress.ip_network(text, strict=False), account.id))
+        networks.sort(key=lambda item: item[0].prefixlen, reverse=True)
+        return cls(
+            accounts=by_id,
+            users=logins,
+            domains={k: tuple(v) for k, v in per_account.items()},
+            networks=tuple(networks),
+            bounce_domains=frozenset(f"{d.return_path_subdomain}.{d.name}" for d in domains),
+        )
+
+    def login(self, name: str) -> SmtpUser | None:
+        return self.users.get(name.lower())
+
+    def trusted_account(self, ip: str) -> Account | None:
+        """The account whose trusted networks contain ip (most specific wins)."""
+        if not self.networks:
+            return None
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for network, account_id in self.networks:
+            if address.version == network.version and address in network:
+                return self.accounts.get(account_id)
+        return None
+
+    def sending_domains(self, account_id: int) -> tuple[str, ...]:
+        return tuple(d.name for d in self.domains.get(account_id, ()))
+
+
+class TenantDirectory:
+    """Holds the current snapshot and refreshes it when the tables change."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        refresh_interval: float = 1.0,
+        on_change: Callable[[TenantSnapshot, TenantSnapshot], None] | None = None,
+    ) -> None:
+        self._db = db
+        self._interval = refresh_interval
+        self.on_change = on_change
+        self._fingerprint: tuple[Any, ...] | None = None
+        self.snapshot = TenantSnapshot()
+
+    def reload(self) -> bool:
+        """Load the tables again if they changed; True when the snapshot was replaced."""
+        with self._db.connect() as conn:
+            fingerprint = tenants_fingerprint(conn)
+            if fingerprint == self._fingerprint:
+                return False
+            fresh = TenantSnapshot.build(
+                list_accounts(conn), list_smtp_users(conn), list_domains(conn)
+            )
+        old, self.snapshot, self._fingerprint = self.snapshot, fresh, fingerprint
+        if self.on_change is not None:
+            self.on_change(old, fresh)
+        return True
+
+    async def run(self) -> None:
+        """Refresh forever (cancel to stop); a failed refresh keeps the last snapshot."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await asyncio.to_thread(self.reload)
+            except Exception as exc:  # the database may be briefly away: keep serving
+                log.warning("tenant refresh failed, keeping the previous snapshot: %s", exc)
