@@ -85,11 +85,13 @@ config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 account_app = typer.Typer(help="Customer accounts.", no_args_is_help=True)
 user_app = typer.Typer(help="SMTP users (submission credentials).", no_args_is_help=True)
 domain_app = typer.Typer(help="Sending domains and their DNS records.", no_args_is_help=True)
+message_app = typer.Typer(help="Accepted messages.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 app.add_typer(account_app, name="account")
 app.add_typer(user_app, name="smtp-user")
 app.add_typer(domain_app, name="domain")
+app.add_typer(message_app, name="message")
 
 
 @app.callback()
@@ -471,6 +473,68 @@ def _print_records(domain: str) -> None:
     for record in admin.domain_records(_state.db, domain, _state.settings.hostname):
         out.print(f"; {record.purpose}", markup=False)
         out.print(record.zone_line(), markup=False)
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+@message_app.command("show")
+def message_show(
+    message_id: Annotated[str, typer.Argument(help="Queue id (the id in '250 ... queued as')")],
+) -> None:
+    """Show a message: envelope, options (including those Postlane does not act on),
+    recipients and the timeline of its events.
+
+    Example: postlane message show 06H0T9T0KVCEJH8W
+    """
+    from postlane.options import SendOptions
+    from postlane.store import messages as message_store
+
+    with _state.db.connect() as conn:
+        m = message_store.get_message(conn, message_id.strip().upper())
+        rcpts = message_store.recipients_of(conn, m.id)
+        timeline = message_store.events_of(conn, m.id)
+    table = Table("field", "value", show_header=False)
+    for key, value in (
+        ("queue id", m.id),
+        ("received", f"{m.received_at:%Y-%m-%d %H:%M:%S} UTC"),
+        ("envelope from", m.mail_from or "<>"),
+        ("header from", m.header_from),
+        ("subject", m.subject or ""),
+        ("message-id", m.message_id_header or ""),
+        ("size", f"{m.size} bytes"),
+        ("client", f"{m.client_ip or '-'} ({m.tls or 'no TLS'})"),
+    ):
+        table.add_row(key, value)
+    out.print(table)
+    options = SendOptions.from_json(m.options) if m.options else SendOptions()
+    asked = {
+        k: v
+        for k, v in options.to_json().items()
+        if v != SendOptions().to_json().get(k) and k not in ("unhandled", "raw_masks")
+    }
+    out.print("options: " + (_json(asked) if asked else "defaults"), markup=False)
+    if options.raw_masks:
+        out.print("option masks as given: " + _json(dict(options.raw_masks)), markup=False)
+    if options.unhandled:
+        out.print("not acted on by Postlane:", markup=False)
+        for entry in options.unhandled:
+            out.print(f"  - {entry}", markup=False)
+    rtable = Table("recipient", "status", "priority", "next attempt", "expires", "attempts")
+    for r in rcpts:
+        rtable.add_row(
+            r.address,
+            r.status,
+            str(r.priority),
+            f"{r.next_attempt_at:%Y-%m-%d %H:%M:%S}",
+            f"{r.expires_at:%Y-%m-%d %H:%M:%S}",
+            str(r.attempts),
+        )
+    out.print(rtable)
+    etable = Table("time (UTC)", "event", "details")
+    for e in timeline:
+        etable.add_row(f"{e.created_at:%Y-%m-%d %H:%M:%S}", e.type, _json(e.data))
+    out.print(etable)
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Protocol
+from typing import Any, Protocol
 
 from postlane import crypto
 from postlane.config import Settings
@@ -28,6 +28,32 @@ class Role(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class MetricsEndpoint:
+    """Prometheus metrics at http://<http.address>:<http.port>/metrics.
+
+    Served from a thread by prometheus_client until the HTTP API role exists
+    to mount it; scraping must work whatever else the process is doing.
+    """
+
+    name = "metrics"
+
+    def __init__(self, address: str, port: int) -> None:
+        self._address = address
+        self._port = port
+        self._server: Any = None
+
+    async def start(self) -> None:
+        from prometheus_client import start_http_server
+
+        self._server, _ = start_http_server(self._port, self._address)
+        log.info("metrics on http://%s:%d/metrics", self._address, self._port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await asyncio.to_thread(self._server.shutdown)
+            self._server.server_close()
 
 
 def build_roles(settings: Settings, db: Database, box: crypto.SecretBox) -> list[Role]:
@@ -56,7 +82,10 @@ def build_roles(settings: Settings, db: Database, box: crypto.SecretBox) -> list
         max_batch=smtp.commit_max_batch,
         duplicate_window=smtp.duplicate_window,
     )
-    return [SmtpServer(settings, directory, authenticator, committer, tls)]
+    return [
+        MetricsEndpoint(settings.http.address, settings.http.port),
+        SmtpServer(settings, directory, authenticator, committer, tls),
+    ]
 
 
 async def serve(settings: Settings, db: Database, box: crypto.SecretBox) -> None:

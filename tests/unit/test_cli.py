@@ -251,3 +251,49 @@ def test_pg_schema_must_be_current(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     finally:
         with psycopg.connect(base, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def test_message_show_lists_options_and_unhandled_bits(run: Run, database_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from postlane.options import SendOptions, from_headers
+    from postlane.store import accounts as account_store
+    from postlane.store.intake import NewMessage, NewRecipient, insert_messages
+
+    ok(run("account", "create", "acme"))
+    parsed = from_headers([("X-JobOption", "16"), ("X-ListOption", "65")], tz=UTC)
+    options = SendOptions().layer(parsed.partial)
+    now = datetime.now(UTC)
+    db = Database.from_url(database_url)
+    with db.begin() as conn:
+        account = account_store.get_account(conn, "acme")
+        insert_messages(
+            conn,
+            [
+                NewMessage(
+                    id="06H0TAD9G7NWMJKB",
+                    account_id=account.id,
+                    smtp_user_id=None,
+                    mail_from="info@acme.com",
+                    header_from="info@acme.com",
+                    message_id_header="<x@acme.com>",
+                    subject="Hello",
+                    raw=b"From: info@acme.com\r\n\r\nhi\r\n",
+                    options=options.to_json(),
+                    client_ip="192.0.2.1",
+                    tls=None,
+                    received_at=now,
+                    dedupe_key=None,
+                    recipients=(
+                        NewRecipient("a@example.org", "example.org", 2, now, now + timedelta(1)),
+                    ),
+                )
+            ],
+        )
+    db.dispose()
+    out = ok(run("message", "show", "06h0tad9g7nwmjkb"))
+    assert "info@acme.com" in out and "a@example.org" in out and "queued" in out
+    assert '"keep_to": true' in out and '"remove_duplicates": true' in out
+    assert "not acted on by Postlane:" in out and "cJBDynaMergeMask" in out
+    assert "accepted" in out
+    fails(run("message", "show", "NOPE"), "message 'NOPE' not found")

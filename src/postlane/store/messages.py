@@ -1,0 +1,105 @@
+"""Reading one message back: what was stored, for whom, and what happened to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from postlane.errors import NotFound
+from postlane.store.schema import events, messages, recipients
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    id: str
+    account_id: int
+    smtp_user_id: int | None
+    mail_from: str
+    header_from: str
+    message_id_header: str | None
+    subject: str | None
+    size: int
+    options: dict[str, Any]
+    client_ip: str | None
+    tls: str | None
+    received_at: datetime
+    raw: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientRecord:
+    id: int
+    address: str
+    status: str
+    priority: int
+    next_attempt_at: datetime
+    expires_at: datetime
+    attempts: int
+    last_reply: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    id: int
+    type: str
+    created_at: datetime
+    recipient_id: int | None
+    data: dict[str, Any]
+
+
+def get_message(conn: Connection, message_id: str) -> MessageRecord:
+    row = conn.execute(sa.select(messages).where(messages.c.id == message_id)).one_or_none()
+    if row is None:
+        raise NotFound(f"message {message_id!r} not found")
+    return MessageRecord(
+        id=row.id,
+        account_id=row.account_id,
+        smtp_user_id=row.smtp_user_id,
+        mail_from=row.mail_from,
+        header_from=row.header_from,
+        message_id_header=row.message_id_header,
+        subject=row.subject,
+        size=row.size,
+        options=dict(row.options or {}),
+        client_ip=row.client_ip,
+        tls=row.tls,
+        received_at=row.received_at,
+        raw=bytes(row.raw),
+    )
+
+
+def recipients_of(conn: Connection, message_id: str) -> list[RecipientRecord]:
+    query = (
+        sa.select(recipients).where(recipients.c.message_id == message_id).order_by(recipients.c.id)
+    )
+    return [
+        RecipientRecord(
+            id=r.id,
+            address=r.address,
+            status=r.status,
+            priority=r.priority,
+            next_attempt_at=r.next_attempt_at,
+            expires_at=r.expires_at,
+            attempts=r.attempts,
+            last_reply=r.last_reply,
+        )
+        for r in conn.execute(query)
+    ]
+
+
+def events_of(conn: Connection, message_id: str) -> list[EventRecord]:
+    query = sa.select(events).where(events.c.message_id == message_id).order_by(events.c.id)
+    return [
+        EventRecord(
+            id=e.id,
+            type=e.type,
+            created_at=e.created_at,
+            recipient_id=e.recipient_id,
+            data=dict(e.data or {}),
+        )
+        for e in conn.execute(query)
+    ]
