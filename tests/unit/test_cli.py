@@ -196,7 +196,7 @@ def test_every_command_has_help_with_example(
         ["account", "create"], ["account", "list"], ["account", "show"], ["account", "update"],
         ["smtp-user", "create"], ["smtp-user", "list"], ["smtp-user", "reset-password"],
         ["smtp-user", "disable"], ["smtp-user", "enable"], ["smtp-user", "update"],
-        ["domain", "add"], ["domain", "list"], ["domain", "dns"],
+        ["domain", "add"], ["domain", "list"], ["domain", "dns"], ["message", "show"],
     ]  # fmt: skip
     monkeypatch.setenv("COLUMNS", "200")
     for command in commands:
