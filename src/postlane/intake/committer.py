@@ -66,23 +66,38 @@ class GroupCommitter:
         self._window = timedelta(seconds=duplicate_window)
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._accepting = False
         self._last_batch = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="intake-commit", daemon=True)
+        self._accepting = True
         self._thread.start()
 
     def stop(self) -> None:
-        """Commit everything already submitted, then end the writer thread."""
+        """Commit everything already submitted, then end the writer thread.
+
+        A commit that arrives while stopping is refused (its session gets
+        451); one that slipped in behind the stop marker is failed, not left
+        waiting forever.
+        """
         if self._thread is None:
             return
+        self._accepting = False
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Pending):
+                _resolve(item, CommitFailed("intake is stopping"))
 
     async def commit(self, message: NewMessage) -> CommitResult:
         """Make the message durable; raises CommitFailed if it could not be."""
-        if self._thread is None:
+        if not self._accepting:
             raise CommitFailed("intake is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CommitResult] = loop.create_future()
@@ -126,7 +141,9 @@ class GroupCommitter:
         started = time.perf_counter()
         try:
             results = self._transaction(batch)
-        except PostlaneError as exc:
+        except Exception as exc:  # any failure must reach the sessions, never kill the writer
+            if not isinstance(exc, PostlaneError):
+                log.exception("unexpected error in an intake commit")
             metrics.COMMIT_FAILURES.inc()
             if len(batch) == 1:
                 log.error("intake commit failed for %s: %s", batch[0].message.id, exc)

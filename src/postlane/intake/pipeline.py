@@ -177,6 +177,14 @@ def accept(
     priority = effective_priority(sender, options)
     start = options.scheduled_at if options.scheduled_at and options.scheduled_at > now else now
     expires = options.expires_at or start + limits.max_queue_lifetime
+    if expires <= start:
+        when = f"{expires:%Y-%m-%d %H:%M:%S} UTC"
+        raise MessageRejected(
+            550,
+            "5.6.0",
+            f"The message expires ({when}) before it can be sent: "
+            "check X-LaunchExpireTime or X-Mailgun-Deliver-By",
+        )
     recipients = tuple(
         NewRecipient(
             address=address,
@@ -214,6 +222,7 @@ def accept(
             "recipients": len(recipients),
             "priority": priority,
         },
+        alerts=tuple(p.reason for p in problems),
     )
     return Accepted(message, options, tuple(problems))
 

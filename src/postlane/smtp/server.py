@@ -252,6 +252,8 @@ class SmtpSession(asyncio.Protocol):
         self.tls_info = _tls_description(new_transport)
         assert self._conn is not None
         self._conn.tls_started()
+        if self._conn.authenticated is None:  # STARTTLS forgets an AUTH made before it
+            self.sender = None
         self._flush()
 
     # -- AUTH ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from postlane.errors import NotFound
 from postlane.store import _values
 from postlane.store._constraints import explained
 from postlane.store.schema import accounts, utc_now
+from postlane.store.tenant_changes import change_stamp
 
 _MAX_ID = 2**63 - 1
 
@@ -95,7 +96,7 @@ def update_account(conn: Connection, account_id: int, **changes: Any) -> Account
     statement = (
         sa.update(accounts)
         .where(accounts.c.id == account_id)
-        .values(**values, updated_at=utc_now())
+        .values(**values, updated_at=change_stamp(conn, accounts))
         .returning(*accounts.c)
     )
     with explained(conn, duplicate=f"account '{values.get('name')}' exists", values=values):

@@ -20,6 +20,7 @@ from postlane.errors import NotFound
 from postlane.store import _values
 from postlane.store._constraints import explained
 from postlane.store.schema import PRIORITY_NORMAL, smtp_users, utc_now
+from postlane.store.tenant_changes import change_stamp
 
 _CHANGEABLE: dict[str, _values.Converter] = {
     "username": _values.name,
@@ -139,7 +140,7 @@ def _update(conn: Connection, user_id: int, values: dict[str, Any]) -> SmtpUser:
         statement = (
             sa.update(smtp_users)
             .where(smtp_users.c.id == user_id)
-            .values(**values, updated_at=utc_now())
+            .values(**values, updated_at=change_stamp(conn, smtp_users))
             .returning(*smtp_users.c)
         )
         with explained(

@@ -9,12 +9,13 @@ the refresh interval on every node, with no messaging between processes.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from postlane.store.schema import accounts, sending_domains, smtp_users
+from postlane.store.schema import accounts, sending_domains, smtp_users, utc_now
 
 
 def tenants_fingerprint(conn: Connection) -> tuple[Any, ...]:
@@ -27,3 +28,17 @@ def tenants_fingerprint(conn: Connection) -> tuple[Any, ...]:
         count, latest = conn.execute(query).one()
         row += [count, latest]
     return tuple(row)
+
+
+def change_stamp(conn: Connection, table: sa.Table) -> datetime:
+    """The ``updated_at`` for a change: now, or just after the table's latest change.
+
+    The fingerprint only sees an update if it moves the table's latest
+    ``updated_at``; a writer whose clock is behind (another node, the CLI on
+    another machine) would otherwise change a password unseen.
+    """
+    latest = conn.execute(sa.select(sa.func.max(table.c.updated_at))).scalar()
+    now = utc_now()
+    if latest is not None and latest >= now:
+        return latest + timedelta(microseconds=1)  # type: ignore[no-any-return]
+    return now

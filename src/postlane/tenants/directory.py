@@ -49,16 +49,16 @@ class TenantSnapshot:
         logins: dict[str, SmtpUser] = {u.username.lower(): u for u in users}
         # "Allow login with email address": an authorised sender address logs
         # in as its user, unless it is somebody's username or names two users.
-        aliases: dict[str, list[SmtpUser]] = {}
+        aliases: dict[str, dict[int, SmtpUser]] = {}
         for user in users:
             account = by_id.get(user.account_id)
             if account is None or not account.allow_email_login:
                 continue
             for address in user.authorised_senders:
-                aliases.setdefault(address.lower(), []).append(user)
+                aliases.setdefault(address.lower(), {})[user.id] = user
         for address, owners in aliases.items():
             if len(owners) == 1 and address not in logins:
-                logins[address] = owners[0]
+                logins[address] = next(iter(owners.values()))
         per_account: dict[int, list[SendingDomain]] = {}
         for domain in domains:
             per_account.setdefault(domain.account_id, []).append(domain)

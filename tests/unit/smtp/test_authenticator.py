@@ -1,0 +1,282 @@
+"""SMTP AUTH decisions against a real tenant directory on a real database.
+
+The users' hashes are real Argon2id hashes verified by ``postlane.crypto``, made
+with small cost parameters so the suite stays fast (verification reads the
+parameters from the hash). One test uses ``crypto.hash_password`` itself. An
+unknown or unusable user is checked against the module's dummy hash at full
+cost, so those tests are the slow ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from argon2 import PasswordHasher
+
+from postlane import crypto
+from postlane.smtp.auth_guard import CredentialCache, FailureThrottle
+from postlane.smtp.authenticator import Authenticator, AuthResult
+from postlane.store import (
+    Account,
+    Database,
+    SmtpUser,
+    create_account,
+    create_smtp_user,
+    set_password_hash,
+    update_account,
+    update_smtp_user,
+    upgrade,
+)
+from postlane.tenants.directory import TenantDirectory
+
+_CHEAP = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+PASSWORD = "correct horse battery"
+NEW_PASSWORD = "staple of the month"
+IP = "192.0.2.10"
+MAX_FAILURES = 3
+
+
+@pytest.fixture(scope="module")
+def hashes() -> dict[str, str]:
+    return {PASSWORD: _CHEAP.hash(PASSWORD), NEW_PASSWORD: _CHEAP.hash(NEW_PASSWORD)}
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database.from_url(database_url)
+    upgrade(database)
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+@dataclass
+class World:
+    db: Database
+    account: Account
+    alice: SmtpUser
+    directory: TenantDirectory
+    cache: CredentialCache
+    throttle: FailureThrottle
+    auth: Authenticator
+
+    def change(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Apply a store change in its own transaction, then reload the directory."""
+        with self.db.begin() as conn:
+            fn(conn, *args, **kwargs)
+        assert self.directory.reload()
+
+    def verify(self, username: str, password: str, ip: str = IP) -> AuthResult:
+        return asyncio.run(self.auth.verify(ip, username, password))
+
+
+@pytest.fixture
+def world(db: Database, hashes: dict[str, str]) -> World:
+    with db.begin() as conn:
+        account = create_account(conn, "acme")
+        alice = create_smtp_user(
+            conn, account.id, "Alice", hashes[PASSWORD], authorised_senders=["news@acme.com"]
+        )
+    directory = TenantDirectory(db)
+    cache = CredentialCache(300)
+    throttle = FailureThrottle(MAX_FAILURES, 60)
+    auth = Authenticator(directory, cache, throttle)
+    directory.on_change = auth.on_tenants_changed
+    directory.reload()
+    return World(db, account, alice, directory, cache, throttle, auth)
+
+
+@pytest.fixture
+def hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every password hash verified from now on (the hashes, in order)."""
+    seen: list[str] = []
+    real = crypto.verify_password
+
+    def counting(password_hash: str, password: str) -> bool:
+        seen.append(password_hash)
+        return real(password_hash, password)
+
+    monkeypatch.setattr(crypto, "verify_password", counting)
+    return seen
+
+
+# -- the right password --------------------------------------------------------------------
+
+
+def test_right_password_then_quick_answers_without_hashing(
+    world: World, hashing: list[str]
+) -> None:
+    assert world.auth.quick(IP, "Alice", PASSWORD) is None  # nothing remembered yet
+    result = world.verify("Alice", PASSWORD)
+    assert result.verdict == "ok"
+    assert result.user is not None
+    assert result.user.id == world.alice.id
+    assert len(hashing) == 1
+    quick = world.auth.quick(IP, "Alice", PASSWORD)
+    assert quick == AuthResult("ok", result.user)
+    assert world.auth.quick("198.51.100.7", "alice", PASSWORD) == AuthResult("ok", result.user)
+    assert len(hashing) == 1  # answered from the cache
+
+
+def test_username_is_case_insensitive(world: World) -> None:
+    result = world.verify("ALICE", PASSWORD)
+    assert result.verdict == "ok"
+    assert result.user is not None
+    assert result.user.username == "Alice"
+
+
+def test_quick_does_not_accept_another_password_from_the_cache(world: World) -> None:
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    assert world.auth.quick(IP, "Alice", PASSWORD + "!") is None
+
+
+def test_a_hash_made_by_crypto_hash_password_verifies(world: World) -> None:
+    world.change(set_password_hash, world.alice.id, crypto.hash_password(NEW_PASSWORD))
+    assert world.verify("Alice", NEW_PASSWORD).verdict == "ok"
+
+
+def test_authorised_sender_logs_in_when_the_account_allows_it(world: World) -> None:
+    assert world.verify("news@acme.com", PASSWORD).verdict == "invalid"
+    world.change(update_account, world.account.id, allow_email_login=True)
+    result = world.verify("news@acme.com", PASSWORD)
+    assert result.verdict == "ok"
+    assert result.user is not None
+    assert result.user.id == world.alice.id
+    assert world.auth.quick(IP, "NEWS@acme.com", PASSWORD) == AuthResult("ok", result.user)
+
+
+# -- wrong passwords and throttling --------------------------------------------------------
+
+
+def test_wrong_password_is_invalid_and_counts(world: World) -> None:
+    for attempt in range(MAX_FAILURES):
+        assert world.auth.quick(IP, "Alice", "guess") is None, attempt
+        assert world.verify("Alice", f"guess {attempt}") == AuthResult("invalid")
+    throttled = AuthResult("throttled")
+    assert world.auth.quick(IP, "Alice", "guess") == throttled
+    # The right password does not help once throttled, from that IP ...
+    assert world.auth.quick(IP, "Alice", PASSWORD) == throttled
+    # ... nor for that username from anywhere (it is the target being guessed) ...
+    assert world.auth.quick("198.51.100.7", "alice", PASSWORD) == throttled
+    # ... and the guessing IP is throttled for every username.
+    assert world.auth.quick(IP, "someone-else", "x") == throttled
+
+
+def test_failures_below_the_limit_do_not_throttle(world: World) -> None:
+    for attempt in range(MAX_FAILURES - 1):
+        assert world.verify("Alice", f"guess {attempt}").verdict == "invalid"
+    assert world.auth.quick(IP, "Alice", PASSWORD) is None
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+
+
+def test_throttled_even_with_remembered_credentials(world: World) -> None:
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    for attempt in range(MAX_FAILURES):
+        world.verify("Alice", f"guess {attempt}", ip="198.51.100.7")
+    assert world.auth.quick(IP, "Alice", PASSWORD) == AuthResult("throttled")
+
+
+# -- users who may not send: one verdict for all -------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["unknown", "inactive", "smtp_disabled"])
+def test_users_who_may_not_send_get_the_same_verdict(
+    world: World, hashing: list[str], case: str
+) -> None:
+    username = "Alice"
+    if case == "unknown":
+        username = "mallory"
+    elif case == "inactive":
+        world.change(update_smtp_user, world.alice.id, active=False)
+    else:
+        world.change(update_account, world.account.id, smtp_enabled=False)
+    assert world.verify(username, PASSWORD) == AuthResult("invalid")
+    # Costs one verification like a real user would, so timing does not tell either.
+    assert len(hashing) == 1
+    assert hashing[0] != world.alice.password_hash
+    assert world.auth.quick(IP, username, PASSWORD) is None
+    # The failed attempt counted: a few more and the name is throttled.
+    for _ in range(MAX_FAILURES - 1):
+        world.throttle.record_failure("198.51.100.7", username)
+    assert world.auth.quick(IP, username, PASSWORD) == AuthResult("throttled")
+
+
+# -- password resets and tenant changes ----------------------------------------------------
+
+
+def test_password_reset_ends_a_remembered_password(world: World, hashes: dict[str, str]) -> None:
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    world.change(set_password_hash, world.alice.id, hashes[NEW_PASSWORD])
+    assert world.auth.quick(IP, "Alice", PASSWORD) is None
+    assert world.verify("Alice", PASSWORD) == AuthResult("invalid")
+    assert world.verify("Alice", NEW_PASSWORD).verdict == "ok"
+
+
+def test_password_reset_ends_a_remembered_password_without_on_change(
+    world: World, hashes: dict[str, str]
+) -> None:
+    world.directory.on_change = None
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    world.change(set_password_hash, world.alice.id, hashes[NEW_PASSWORD])
+    assert len(world.cache) == 1  # still held, but bound to the old hash
+    assert world.auth.quick(IP, "Alice", PASSWORD) is None
+    assert world.verify("Alice", PASSWORD).verdict == "invalid"
+
+
+def test_on_tenants_changed_forgets_a_reset_user(world: World, hashes: dict[str, str]) -> None:
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    assert len(world.cache) == 1
+    world.change(set_password_hash, world.alice.id, hashes[NEW_PASSWORD])
+    assert len(world.cache) == 0
+
+
+def test_on_tenants_changed_forgets_a_disabled_user(world: World) -> None:
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    world.change(update_smtp_user, world.alice.id, active=False)
+    assert len(world.cache) == 0
+    assert world.auth.quick(IP, "Alice", PASSWORD) is None
+    world.change(update_smtp_user, world.alice.id, active=True)
+    # Enabled again, but the credential must be verified afresh.
+    assert world.auth.quick(IP, "Alice", PASSWORD) is None
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+
+
+def test_on_tenants_changed_forgets_users_of_a_disabled_account(world: World) -> None:
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    world.change(update_account, world.account.id, smtp_enabled=False)
+    assert len(world.cache) == 0
+    world.change(update_account, world.account.id, smtp_enabled=True)
+    assert world.auth.quick(IP, "Alice", PASSWORD) is None
+
+
+def test_on_tenants_changed_forgets_a_renamed_user(world: World) -> None:
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    world.change(update_smtp_user, world.alice.id, username="alice2")
+    assert len(world.cache) == 0
+    assert world.auth.quick(IP, "Alice", PASSWORD) is None
+
+
+def test_on_tenants_changed_forgets_alias_logins_of_a_reset_user(
+    world: World, hashes: dict[str, str]
+) -> None:
+    world.change(update_account, world.account.id, allow_email_login=True)
+    assert world.verify("news@acme.com", PASSWORD).verdict == "ok"
+    assert len(world.cache) == 1
+    world.change(set_password_hash, world.alice.id, hashes[NEW_PASSWORD])
+    assert len(world.cache) == 0
+
+
+def test_on_tenants_changed_keeps_users_who_did_not_change(
+    world: World, hashes: dict[str, str]
+) -> None:
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    with world.db.begin() as conn:
+        create_smtp_user(conn, world.account.id, "bob", hashes[NEW_PASSWORD])
+    assert world.directory.reload()
+    world.change(update_smtp_user, world.alice.id, note="a note")
+    assert len(world.cache) == 1
+    assert world.auth.quick(IP, "Alice", PASSWORD) is not None
