@@ -1,0 +1,140 @@
+"""Account templates rendered with Jinja2 in a sandbox.
+
+A template's text comes from a customer (stored per account, named by
+X-OV-Template or X-Mailgun-Template-Name), so it is untrusted code run inside
+the delivery worker. It runs in Jinja's ImmutableSandboxedEnvironment, which
+refuses access to internals (``''.__class__.__mro__``), unsafe callables,
+huge ``range()`` and changing lists or dicts in place (one recipient's
+rendering must not change the variables the next one sees; ``namespace()``
+still works). On top of that this module:
+
+- raises on every refused attribute, where Jinja would quietly render an
+  empty string, so an escape attempt is reported rather than hidden;
+- refuses ``*`` and ``**`` results big enough to exhaust memory;
+- stops output beyond :data:`MAX_OUTPUT_CHARS`.
+
+Missing variables render as empty, also along a path (``{{ user.name }}``
+with no ``user``): Mailgun's and Omnivery's Handlebars templates behave so,
+templates moved from them rely on it, and one recipient without an optional
+field must not fail the whole send. StrictUndefined would be stricter than
+what customers know.
+
+Every failure, syntax or runtime, becomes InvalidInput("template 'NAME': line
+N: what"), which the delivery worker records as that recipient's failure.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Final, NoReturn
+
+from jinja2 import ChainableUndefined, Template, TemplateSyntaxError
+from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from postlane.errors import InvalidInput
+
+__all__ = ["MAX_OUTPUT_CHARS", "render_template"]
+
+MAX_OUTPUT_CHARS: Final = 10_000_000
+"""More output than this is a runaway loop, not an email (providers cap at 25-50 MB)."""
+
+_MAX_POWER_BITS: Final = 100_000
+_TEMPLATE_FILE: Final = "<template>"  # Jinja's file name for code compiled from a string
+_COMPILED_CACHE: Final = 256
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with refusals that raise and a guard on repetition and powers."""
+
+    intercepted_binops = frozenset(("*", "**"))
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
+        """Raise at once: Jinja would return an undefined value that prints as nothing."""
+        raise SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed"
+        )
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        """``left <operator> right``, refused when the result would be enormous."""
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if (
+                    isinstance(sequence, str | bytes | list | tuple)
+                    and isinstance(count, int)
+                    and len(sequence) * count > MAX_OUTPUT_CHARS
+                ):
+                    raise SecurityError("the repeated value would be too large")
+        elif (
+            operator == "**"
+            and isinstance(left, int)
+            and isinstance(right, int)
+            and abs(left) > 1
+            and right * left.bit_length() > _MAX_POWER_BITS
+        ):
+            raise SecurityError("the power would be too large")
+        return super().call_binop(context, operator, left, right)
+
+
+_ENVIRONMENTS: Final = {
+    escaped: _Sandbox(autoescape=escaped, undefined=ChainableUndefined) for escaped in (True, False)
+}
+
+
+def render_template(
+    source: str, variables: Mapping[str, Any], *, name: str = "template", html: bool = True
+) -> str:
+    """``source`` rendered with ``variables``; ``name`` is used in error messages.
+
+    ``html`` turns autoescaping on, so a variable holding ``<b>`` shows as
+    text in an HTML body; pass False for a text/plain body or a Subject,
+    where escaping would show ``&amp;`` to the reader. Compiled templates are
+    cached, since one template is rendered once for every recipient.
+    """
+    try:
+        template = _compile(source, html)
+    except TemplateSyntaxError as exc:
+        raise InvalidInput(f"template {name!r}: line {exc.lineno}: {exc.message}") from None
+    written = 0
+    chunks: list[str] = []
+    try:
+        for chunk in template.generate(dict(variables)):
+            written += len(chunk)
+            if written > MAX_OUTPUT_CHARS:
+                raise InvalidInput(
+                    f"template {name!r}: output is longer than {MAX_OUTPUT_CHARS} characters"
+                )
+            chunks.append(chunk)
+    except InvalidInput:
+        raise
+    except Exception as exc:
+        # A template can fail in any way Python code can (a SecurityError, an
+        # undefined call, 1/0, a TypeError); each is the template's fault and
+        # fails this recipient, not the worker.
+        raise InvalidInput(_runtime_problem(name, exc)) from None
+    return "".join(chunks)
+
+
+@functools.lru_cache(maxsize=_COMPILED_CACHE)
+def _compile(source: str, html: bool) -> Template:
+    return _ENVIRONMENTS[html].from_string(source)
+
+
+def _runtime_problem(name: str, exc: Exception) -> str:
+    """The error message, with the template line Jinja's traceback rewriting points at."""
+    what = str(exc) or type(exc).__name__
+    line = _template_line(exc.__traceback__)
+    where = f"line {line}: " if line is not None else ""
+    return f"template {name!r}: {where}{what}"
+
+
+def _template_line(tb: TracebackType | None) -> int | None:
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == _TEMPLATE_FILE:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line

@@ -1,0 +1,124 @@
+"""Account templates: sandboxed Jinja2, failures as InvalidInput naming template and line."""
+
+from __future__ import annotations
+
+import pytest
+
+from postlane.errors import InvalidInput
+from postlane.options.model import SendOptions
+from postlane.render import templates
+from postlane.render.templates import render_template
+
+
+def test_renders_variables() -> None:
+    source = "Hello {{ name }}, you have {{ items|length }} items."
+    assert render_template(source, {"name": "Ann", "items": [1, 2]}) == (
+        "Hello Ann, you have 2 items."
+    )
+
+
+def test_html_templates_escape_values() -> None:
+    assert render_template("<p>{{ v }}</p>", {"v": "<b>Tom & Jerry</b>"}) == (
+        "<p>&lt;b&gt;Tom &amp; Jerry&lt;/b&gt;</p>"
+    )
+
+
+def test_text_templates_do_not_escape() -> None:
+    assert render_template("{{ v }}", {"v": "Tom & Jerry"}, html=False) == "Tom & Jerry"
+
+
+def test_missing_variables_render_empty_even_along_a_path() -> None:
+    source = "[{{ missing }}|{{ user.name }}|{{ user.address.city }}|{% if nope %}x{% endif %}]"
+    assert render_template(source, {}) == "[|||]"
+
+
+def test_variables_from_send_options_work() -> None:
+    options = SendOptions(template_variables={"user": {"name": "Ann", "tags": ["a", "b"]}})
+    source = "{{ user.name }} {{ user['name'] }} {{ user.tags|join(',') }}"
+    assert render_template(source, options.template_variables) == "Ann Ann a,b"
+
+
+def test_the_same_template_renders_each_recipient_on_its_own_values() -> None:
+    source = "Hi {{ name }}"
+    assert render_template(source, {"name": "Ann"}) == "Hi Ann"
+    assert render_template(source, {"name": "Bob"}) == "Hi Bob"
+
+
+def test_syntax_error_names_template_and_line() -> None:
+    with pytest.raises(InvalidInput, match=r"^template 'welcome': line 3: "):
+        render_template("one\ntwo\n{% for %}", {}, name="welcome")
+
+
+def test_runtime_error_names_template_and_line() -> None:
+    with pytest.raises(InvalidInput, match=r"^template 'welcome': line 2: division by zero$"):
+        render_template("one\n{{ 1 / 0 }}", {}, name="welcome")
+
+
+def test_type_errors_in_templates_are_invalid_input() -> None:
+    with pytest.raises(InvalidInput, match=r"^template 'template': line 1: "):
+        render_template("{{ n + 'x' }}", {"n": 1})
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ ''.__class__ }}",
+        "{{ user.__class__.__init__.__globals__ }}",
+        "{{ cycler.__init__.__globals__.os }}",
+        "{{ lipsum.__globals__['os'] }}",
+        "{% for c in ().__class__.__base__.__subclasses__() %}{{ c }}{% endfor %}",
+        "{{ user.items.__self__ }}",
+    ],
+)
+def test_sandbox_escapes_are_refused_not_rendered(source: str) -> None:
+    with pytest.raises(InvalidInput, match=r"not allowed|unsafe"):
+        render_template(source, {"user": {"name": "Ann"}})
+
+
+def test_variables_cannot_be_changed_in_place() -> None:
+    items: list[int] = []
+    with pytest.raises(InvalidInput, match=r"template 't': line 1: .*'append'"):
+        render_template("{{ items.append(1) }}", {"items": items}, name="t")
+    assert items == []
+
+
+def test_namespace_assignment_still_works() -> None:
+    source = (
+        "{% set ns = namespace(n=0) %}"
+        "{% for i in [1, 2, 3] %}{% set ns.n = ns.n + i %}{% endfor %}"
+        "{{ ns.n }}"
+    )
+    assert render_template(source, {}) == "6"
+
+
+def test_huge_repetition_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="too large"):
+        render_template("{{ 'x' * 1000000000 }}", {})
+
+
+def test_huge_power_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="too large"):
+        render_template("{{ 10 ** 100000000 }}", {})
+
+
+def test_small_repetition_and_power_work() -> None:
+    assert render_template("{{ 'ab' * 3 }} {{ 3 * 'c' }} {{ 2 ** 10 }}", {}) == "ababab ccc 1024"
+
+
+def test_huge_range_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="Range too big"):
+        render_template("{% for i in range(10**9) %}{% endfor %}", {})
+
+
+def test_runaway_output_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(templates, "MAX_OUTPUT_CHARS", 1000)
+    source = "{% for i in range(100000) %}0123456789{% endfor %}"
+    with pytest.raises(InvalidInput, match="output is longer than 1000 characters"):
+        render_template(source, {}, name="loop")
+
+
+def test_endless_recursion_is_invalid_input() -> None:
+    source = "{% macro again() %}{{ again() }}{% endmacro %}{{ again() }}"
+    with pytest.raises(InvalidInput, match=r"^template 'deep': "):
+        render_template(source, {}, name="deep")
