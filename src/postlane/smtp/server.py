@@ -189,6 +189,7 @@ class SmtpSession(asyncio.Protocol):
         assert conn is not None
         if isinstance(event, p.Hello):
             self.helo = event.name
+            self._end_transaction()  # HELO/EHLO also ends a mail transaction
         elif isinstance(event, p.StartTLS):
             self._flush()
             self._go_async(self._upgrade())
@@ -201,8 +202,7 @@ class SmtpSession(asyncio.Protocol):
         elif isinstance(event, p.MessageReceived):
             self._message(event)
         elif isinstance(event, p.Reset):
-            self._in_transaction = False
-            self.bounce_account = None
+            self._end_transaction()
         elif isinstance(event, p.CloseRequested):
             self.close_reason = event.reason
             self._flush()
@@ -379,7 +379,7 @@ class SmtpSession(asyncio.Protocol):
             log.error("session=%s queue_id=%s commit failed: %s", self.session_id, message.id, exc)
             self._rejected(451, "4.3.0", "Temporary storage failure, try again later", message.id)
             return
-        self._in_transaction = False
+        self._end_transaction()
         self.accepted += 1
         metrics.SMTP_MESSAGES_ACCEPTED.inc()
         metrics.SMTP_MESSAGE_BYTES.inc(len(message.raw))
@@ -402,7 +402,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _rejected(self, code: int, enhanced: str, text: str, queue_id: str) -> None:
         assert self._conn is not None
-        self._in_transaction = False
+        self._end_transaction()
         self.rejected += 1
         metrics.SMTP_MESSAGES_REJECTED.labels(enhanced).inc()
         log.info(
@@ -416,6 +416,11 @@ class SmtpSession(asyncio.Protocol):
             text,
         )
         self._conn.answer_message(p.Reply(code, enhanced, (_ascii(text),)))
+
+    def _end_transaction(self) -> None:
+        """The envelope is gone (message answered, RSET, EHLO): so is what it decided."""
+        self._in_transaction = False
+        self.bounce_account = None
 
     # -- output, timers, closing -----------------------------------------------------------------
 

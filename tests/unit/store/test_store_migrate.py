@@ -54,7 +54,10 @@ def test_case_insensitive_username_index_exists(db: Database) -> None:
         if db.dialect_name == "sqlite":
             sql = "SELECT sql FROM sqlite_master WHERE name = 'uq_smtp_users_username'"
         else:
-            sql = "SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_smtp_users_username'"
+            sql = (
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_smtp_users_username' "
+                "AND schemaname = current_schema()"
+            )
         definition = conn.exec_driver_sql(sql).scalar_one()
     assert "UNIQUE" in definition.upper()
     assert "lower(username)" in definition.lower()
