@@ -537,6 +537,203 @@ def message_show(
     out.print(etable)
 
 
+# -- queue ---------------------------------------------------------------------------------
+
+queue_app = typer.Typer(
+    help="The delivery queue: one row per recipient, by recipient id.", no_args_is_help=True
+)
+app.add_typer(queue_app, name="queue")
+
+_QueueIds = Annotated[
+    list[str] | None, typer.Argument(help="Recipient ids (the 'id' column of 'queue list')")
+]
+_QueueAccount = Annotated[str | None, typer.Option("--account", help="Only this account's rows")]
+_QueueDomain = Annotated[
+    str | None, typer.Option("--domain", help="Only rows for this recipient domain")
+]
+_QueueAll = Annotated[
+    bool, typer.Option("--all", help="Every row the action applies to, when no filter is named")
+]
+
+
+@queue_app.command("list")
+def queue_list(
+    account: _QueueAccount = None,
+    domain: _QueueDomain = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="queued, deferred, sending, held, ...")
+    ] = None,
+    limit: Annotated[str, typer.Option("--limit", help="At most this many rows")] = "100",
+) -> None:
+    """List queue rows, newest first.
+
+    Example: postlane queue list --account acme --status deferred
+    """
+    from postlane.store import accounts as account_store
+    from postlane.store import queue as queue_store
+
+    with _state.db.connect() as conn:
+        account_id = None if account is None else account_store.get_account(conn, account).id
+        rows = queue_store.list_queue(
+            conn,
+            account_id=account_id,
+            domain=domain,
+            status=status,
+            limit=_number("limit", limit),
+        )
+        names = {a.id: a.name for a in account_store.list_accounts(conn)}
+    table = Table(
+        "id", "queue id", "account", "recipient", "status", "prio", "tries", "next attempt",
+        "from", "subject", "last reply",
+    )  # fmt: skip
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.message_id,
+            names.get(r.account_id, str(r.account_id)),
+            r.address,
+            r.status,
+            str(r.priority),
+            str(r.attempts),
+            f"{r.next_attempt_at:%Y-%m-%d %H:%M:%S}",
+            r.mail_from or "<>",
+            r.subject or "",
+            r.last_reply or "",
+        )
+    out.print(table)
+
+
+@queue_app.command("show")
+def queue_show(recipient_id: Annotated[str, typer.Argument(help="Recipient id")]) -> None:
+    """Show one queue row and the events of its message that concern it.
+
+    Example: postlane queue show 12
+    """
+    from postlane.store import messages as message_store
+    from postlane.store import queue as queue_store
+
+    with _state.db.connect() as conn:
+        r = queue_store.get_recipient(conn, _number("recipient id", recipient_id))
+        timeline = [
+            e for e in message_store.events_of(conn, r.message_id) if e.recipient_id in (None, r.id)
+        ]
+    table = Table("field", "value", show_header=False)
+    lease = "none"
+    if r.lease_owner is not None and r.lease_expires_at is not None:
+        lease = f"{r.lease_owner} until {r.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC"
+    for key, value in (
+        ("id", str(r.id)),
+        ("queue id", r.message_id),
+        ("recipient", r.address),
+        ("status", r.status),
+        ("priority", str(r.priority)),
+        ("attempts", str(r.attempts)),
+        ("next attempt", f"{r.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC"),
+        ("expires", f"{r.expires_at:%Y-%m-%d %H:%M:%S} UTC"),
+        ("lease", lease),
+        ("last reply", r.last_reply or ""),
+        ("envelope from", r.mail_from or "<>"),
+        ("subject", r.subject or ""),
+    ):
+        table.add_row(key, value)
+    out.print(table)
+    etable = Table("time (UTC)", "event", "details")
+    for e in timeline:
+        etable.add_row(f"{e.created_at:%Y-%m-%d %H:%M:%S}", e.type, _json(e.data))
+    out.print(etable)
+
+
+@queue_app.command("retry")
+def queue_retry(
+    ids: _QueueIds = None,
+    account: _QueueAccount = None,
+    domain: _QueueDomain = None,
+    all_: _QueueAll = False,
+) -> None:
+    """Make queued and deferred rows due now (held rows stay held).
+
+    Example: postlane queue retry --domain example.org
+    """
+    _queue_action("retry", "due now", ids, account, domain, all_)
+
+
+@queue_app.command("hold")
+def queue_hold(
+    ids: _QueueIds = None,
+    account: _QueueAccount = None,
+    domain: _QueueDomain = None,
+    all_: _QueueAll = False,
+) -> None:
+    """Keep queued and deferred rows from being sent until released.
+
+    Example: postlane queue hold 12 13
+    """
+    _queue_action("hold", "held", ids, account, domain, all_)
+
+
+@queue_app.command("release")
+def queue_release(
+    ids: _QueueIds = None,
+    account: _QueueAccount = None,
+    domain: _QueueDomain = None,
+    all_: _QueueAll = False,
+) -> None:
+    """Put held rows back in the queue, due now.
+
+    Example: postlane queue release --account acme
+    """
+    _queue_action("release", "released", ids, account, domain, all_)
+
+
+@queue_app.command("cancel")
+def queue_cancel(
+    ids: _QueueIds = None,
+    account: _QueueAccount = None,
+    domain: _QueueDomain = None,
+    all_: _QueueAll = False,
+) -> None:
+    """Never send these queued, deferred or held rows.
+
+    Example: postlane queue cancel --account acme --domain example.org
+    """
+    _queue_action("cancel", "cancelled", ids, account, domain, all_)
+
+
+def _queue_action(
+    action: str,
+    done: str,
+    ids: list[str] | None,
+    account: str | None,
+    domain: str | None,
+    all_: bool,
+) -> None:
+    from postlane.store import accounts as account_store
+    from postlane.store import queue as queue_store
+    from postlane.store.schema import utc_now
+
+    act = {
+        "retry": queue_store.retry,
+        "hold": queue_store.hold,
+        "release": queue_store.release,
+        "cancel": queue_store.cancel,
+    }[action]
+    numbers = [_number("recipient id", i) for i in ids] if ids else None
+    with _state.db.begin() as conn:
+        account_id = None if account is None else account_store.get_account(conn, account).id
+        changed = act(
+            conn, now=utc_now(), ids=numbers, account_id=account_id, domain=domain, all_=all_
+        )
+    out.print(f"{changed} recipient(s) {done}")
+
+
+def _number(what: str, text: str) -> int:
+    from postlane.errors import InvalidInput
+
+    if not (text.isascii() and text.isdigit()) or int(text) > 2**63 - 1:
+        raise InvalidInput(f"{what} {text!r} is not a number")
+    return int(text)
+
+
 # -- helpers -----------------------------------------------------------------------------
 
 

@@ -281,13 +281,16 @@ recipients = sa.Table(
     _priority("recipients"),
 )
 # The due query: status IN ('queued', 'deferred') AND next_attempt_at <= now
-# ORDER BY priority, next_attempt_at, id.
+# ORDER BY priority, next_attempt_at, id (the id makes ties cheap: migration 0002).
 sa.Index(
     "ix_recipients_due",
     recipients.c.status,
     recipients.c.priority,
     recipients.c.next_attempt_at,
+    recipients.c.id,
 )
+sa.Index("ix_recipients_status_expires", recipients.c.status, recipients.c.expires_at)
+sa.Index("ix_recipients_account_id", recipients.c.account_id, recipients.c.id)
 sa.Index("ix_recipients_message_id", recipients.c.message_id)
 sa.Index("ix_recipients_domain_status", recipients.c.domain, recipients.c.status)
 sa.Index("ix_recipients_lease_expires_at", recipients.c.lease_expires_at)
