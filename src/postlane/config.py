@@ -149,6 +149,24 @@ class AuthSettings(_Section):
 class DeliverySettings(_Section):
     """The outbound queue."""
 
+    nameservers: list[str] = Field(
+        default_factory=list,
+        description="DNS resolvers as host:port (e.g. 127.0.0.1:5353); empty: the system's",
+    )
+
+    @field_validator("nameservers")
+    @classmethod
+    def _valid_nameservers(cls, value: list[str]) -> list[str]:
+        from postlane.delivery.routing import parse_nameserver
+        from postlane.errors import InvalidInput
+
+        for entry in value:
+            try:
+                parse_nameserver(entry)
+            except InvalidInput as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
     max_queue_lifetime: float = Field(
         259200.0,
         gt=0,

@@ -69,6 +69,7 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ('hostname = "a..b"\n', "not a host name"),
         ('secret_key = "short"\n', "'secret_key' = '***': must be at least 32"),
         ('log_level = "loud"\n', "'log_level' = 'loud'"),
+        ('[delivery]\nnameservers = ["dns.google"]\n', "'delivery.nameservers' = ['dns.google']"),
     ],
 )
 def test_bad_values_name_key_and_value(tmp_path: Path, toml: str, expected: str) -> None:
