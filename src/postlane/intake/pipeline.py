@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from postlane.errors import MessageRejected
@@ -29,11 +30,28 @@ DEFAULT_PRIORITY = 3
 
 @dataclass(frozen=True, slots=True)
 class Sender:
-    """Who a session sends as: an SMTP user, or an account through a trusted network."""
+    """Who a session sends as: an SMTP user, or an account through a trusted network.
+
+    ``defaults`` are the account's and the user's option layers, built once
+    (the server keeps one Sender per tenant snapshot): most messages carry no
+    option header, and then these are their options as they are.
+    """
 
     account: Account
     user: SmtpUser | None
     sending_domains: tuple[str, ...]
+    defaults: SendOptions = field(init=False)
+    defaults_json: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        layered = SendOptions().layer(
+            {"track_opens": self.account.track_opens, "track_clicks": self.account.track_clicks}
+        )
+        layered = layered.layer(self.account.default_options)
+        if self.user is not None:
+            layered = layered.layer(self.user.default_options)
+        object.__setattr__(self, "defaults", layered)
+        object.__setattr__(self, "defaults_json", layered.to_json())
 
     @property
     def name(self) -> str:
@@ -90,14 +108,7 @@ def _sender_problems(sender: Sender, mail_from: str, header_from: str) -> list[S
 
 def options_for(sender: Sender, partial: dict[str, object]) -> SendOptions:
     """Options in layers, later wins: account defaults, user defaults, the message's headers."""
-    account = sender.account
-    layered = SendOptions().layer(
-        {"track_opens": account.track_opens, "track_clicks": account.track_clicks}
-    )
-    layered = layered.layer(account.default_options)
-    if sender.user is not None:
-        layered = layered.layer(sender.user.default_options)
-    return layered.layer(partial)
+    return sender.defaults.layer(partial) if partial else sender.defaults
 
 
 def effective_priority(sender: Sender, options: SendOptions) -> int:
@@ -207,7 +218,7 @@ def accept(
         message_id_header=original_message_id or new_message_id,
         subject=_first(section, "subject"),
         raw=raw,
-        options=options.to_json(),
+        options=options.to_json() if parsed.partial else sender.defaults_json,
         client_ip=envelope.client_ip,
         tls=envelope.tls,
         received_at=now,

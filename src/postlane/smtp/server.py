@@ -291,12 +291,18 @@ class SmtpSession(asyncio.Protocol):
                 self._close()
 
     def _sender_for(self, account_id: int, user: Any) -> pipeline.Sender:
+        """One Sender per account and user per snapshot: its option layers are built once."""
         snapshot = self._directory.snapshot
-        return pipeline.Sender(
-            account=snapshot.accounts[account_id],
-            user=user,
-            sending_domains=snapshot.sending_domains(account_id),
-        )
+        key = ("sender", account_id, user.id if user is not None else None)
+        sender: pipeline.Sender | None = snapshot.memo.get(key)
+        if sender is None or sender.user is not user:
+            sender = pipeline.Sender(
+                account=snapshot.accounts[account_id],
+                user=user,
+                sending_domains=snapshot.sending_domains(account_id),
+            )
+            snapshot.memo[key] = sender
+        return sender
 
     # -- envelope -------------------------------------------------------------------------------
 

@@ -37,6 +37,9 @@ class TenantSnapshot:
     domains: dict[int, tuple[SendingDomain, ...]] = field(default_factory=dict)
     networks: tuple[tuple[IPNetwork, int], ...] = ()  # most specific first
     bounce_domains: frozenset[str] = frozenset()
+    # Values derived from this snapshot (e.g. a sender's option defaults), made
+    # once and dropped with the snapshot; never shared across snapshots.
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def build(
@@ -82,6 +85,17 @@ class TenantSnapshot:
         """The account whose trusted networks contain ip (most specific wins)."""
         if not self.networks:
             return None
+        key = ("trusted", ip)
+        if key in self.memo:
+            account: Account | None = self.memo[key]
+            return account
+        if len(self.memo) > 50_000:  # many distinct clients: start over rather than grow
+            self.memo.clear()
+        account = self._trusted_account(ip)
+        self.memo[key] = account
+        return account
+
+    def _trusted_account(self, ip: str) -> Account | None:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:

@@ -280,3 +280,23 @@ def test_on_tenants_changed_keeps_users_who_did_not_change(
     world.change(update_smtp_user, world.alice.id, note="a note")
     assert len(world.cache) == 1
     assert world.auth.quick(IP, "Alice", PASSWORD) is not None
+
+
+def test_simultaneous_logins_share_one_verification(world: World, hashing: list[str]) -> None:
+    async def ten_at_once() -> list[AuthResult]:
+        return await asyncio.gather(*(world.auth.verify(IP, "Alice", PASSWORD) for _ in range(10)))
+
+    results = asyncio.run(ten_at_once())
+    assert all(r.verdict == "ok" for r in results)
+    assert len(hashing) == 1
+    assert not world.auth._in_flight  # nothing left behind
+
+
+def test_simultaneous_wrong_passwords_each_count(world: World, hashing: list[str]) -> None:
+    async def three_at_once() -> list[AuthResult]:
+        return await asyncio.gather(*(world.auth.verify(IP, "Alice", "nope") for _ in range(3)))
+
+    results = asyncio.run(three_at_once())
+    assert [r.verdict for r in results] == ["invalid"] * 3
+    assert len(hashing) == 1  # one Argon2 run for the three
+    assert world.throttle.blocked(IP)  # yet each attempt counted (MAX_FAILURES is 3)
