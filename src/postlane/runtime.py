@@ -13,7 +13,7 @@ import logging
 import signal
 from typing import Any, Protocol
 
-from postlane import crypto
+from postlane import crypto, logs
 from postlane.config import Settings
 from postlane.store import Database
 
@@ -88,7 +88,12 @@ def build_roles(settings: Settings, db: Database, box: crypto.SecretBox) -> list
     ]
 
 
-async def serve(settings: Settings, db: Database, box: crypto.SecretBox) -> None:
+async def serve(
+    settings: Settings,
+    db: Database,
+    box: crypto.SecretBox,
+    log_buffer: logging.Handler | None = None,
+) -> None:
     """Run every role until a stop signal arrives."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -96,6 +101,7 @@ async def serve(settings: Settings, db: Database, box: crypto.SecretBox) -> None
         loop.add_signal_handler(sig, stop.set)
     roles = build_roles(settings, db, box)
     started: list[Role] = []
+    flusher = asyncio.ensure_future(logs.flush_periodically(log_buffer)) if log_buffer else None
     try:
         for role in roles:
             await role.start()
@@ -109,17 +115,18 @@ async def serve(settings: Settings, db: Database, box: crypto.SecretBox) -> None
         for role in reversed(started):
             await role.stop()
         db.dispose()
+        if flusher is not None:
+            flusher.cancel()
     print("postlane stopped", flush=True)
 
 
 def run(settings: Settings, db: Database, box: crypto.SecretBox) -> None:
     """Entry point of ``postlane serve``."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    log_buffer = logs.configure(settings.log_level)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        asyncio.run(serve(settings, db, box))
+        asyncio.run(serve(settings, db, box, log_buffer))
     else:
-        uvloop.run(serve(settings, db, box))
+        uvloop.run(serve(settings, db, box, log_buffer))
+    log_buffer.flush()

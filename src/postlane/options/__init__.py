@@ -60,8 +60,13 @@ def from_headers(headers: Sequence[tuple[str, str]], *, tz: tzinfo) -> ParsedOpt
     be mixed; where two set the same field differently neither is taken and
     the problem names both headers, since Postlane cannot know which was meant.
     """
-    partial, problems = _combine([read(headers, tz) for read in _READERS])
-    control = frozenset(name.lower() for name, _ in headers if is_control_header(name))
+    # Every option header is an X- header or Importance; most messages carry
+    # none, and then no dialect needs to look at them at all.
+    relevant = [h for h in headers if h[0][:2] in ("X-", "x-") or h[0].lower() == "importance"]
+    if not relevant:
+        return ParsedOptions({}, [], frozenset())
+    partial, problems = _combine([read(relevant, tz) for read in _READERS])
+    control = frozenset(name.lower() for name, _ in relevant if is_control_header(name))
     return ParsedOptions(partial, problems, control)
 
 
