@@ -153,6 +153,23 @@ class DeliverySettings(_Section):
         default_factory=list,
         description="DNS resolvers as host:port (e.g. 127.0.0.1:5353); empty: the system's",
     )
+    mx_port: int = Field(
+        25, ge=1, le=65535, description="TCP port of recipients' mail exchangers (25; tests)"
+    )
+    concurrency: int = Field(
+        20, ge=1, le=10000, description="Outbound SMTP connections open at once, in total"
+    )
+    lease_batch: int = Field(
+        100, ge=1, le=10000, description="Recipients a worker leases from the queue at once"
+    )
+    lease_seconds: float = Field(
+        300.0,
+        ge=10,
+        description="Seconds a leased recipient stays with its worker before another may take it",
+    )
+    poll_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds between queue polls when nothing is due"
+    )
 
     @field_validator("nameservers")
     @classmethod
