@@ -50,13 +50,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Ports:
-    """The four listeners every test server has."""
+    """The listeners (and metrics port) every test server has."""
 
     relay: int  # tls = "none", submission = false: the port-25 role, plaintext AUTH allowed
     implicit: int  # tls = "implicit": like 465
     starttls: int  # tls = "starttls", submission: like 587
     plain: int  # tls = "none", submission, AUTH without TLS: OMICard "port 25, no encryption"
     http: int  # [http] port (Prometheus /metrics): never the default, which may be in use
+    proxied: int  # tls = "none", submission, PROXY protocol header expected (behind a balancer)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,14 @@ port = {ports.plain}
 tls = "none"
 allow_plaintext_auth = true
 require_tls_for_auth = false
+
+[[smtp.listeners]]
+address = "{LOOPBACK}"
+port = {ports.proxied}
+tls = "none"
+allow_plaintext_auth = true
+require_tls_for_auth = false
+proxy_protocol = true
 """
 
 
@@ -134,7 +143,7 @@ class PostlaneServer:
         self.config = config
         self.data_dir = workdir / "var"
         self.config_path = workdir / "postlane.toml"
-        self.ports = Ports(*free_ports(5))
+        self.ports = Ports(*free_ports(6))
         self.config_path.write_text(settings_toml(self.data_dir, self.ports, config))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
         self.env.update(
@@ -232,7 +241,7 @@ class PostlaneServer:
             except AssertionError:
                 if attempt == 2 or "address already in use" not in self.describe():
                     raise
-                self.ports = Ports(*free_ports(5))
+                self.ports = Ports(*free_ports(6))
                 self.config_path.write_text(settings_toml(self.data_dir, self.ports, self.config))
 
     def _start_once(self) -> None:
