@@ -73,6 +73,9 @@ class SmtpSession(asyncio.Protocol):
         self._proxy_buffer: bytearray | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False  # an asynchronous decision is under way
+        # Decrypted bytes the TLS layer delivers before start_tls() has returned
+        # (asyncio's own loop does this): kept for the engine, never dropped.
+        self._tls_early: bytearray | None = None
         self._in_transaction = False
         self._closing = False
         self.session_id = new_queue_id()
@@ -104,6 +107,9 @@ class SmtpSession(asyncio.Protocol):
         self._arm_timer()
         if self._proxy_buffer is not None:
             self._proxy_data(data)
+            return
+        if self._tls_early is not None:
+            self._tls_early += data
             return
         if self._conn is None:
             return
@@ -237,6 +243,7 @@ class SmtpSession(asyncio.Protocol):
         if transport is None:
             return
         loop = asyncio.get_running_loop()
+        self._tls_early = bytearray()
         try:
             new_transport = await loop.start_tls(
                 transport, self, self._tls.context, server_side=True, ssl_handshake_timeout=30
@@ -245,6 +252,8 @@ class SmtpSession(asyncio.Protocol):
             self.close_reason = f"TLS handshake failed: {exc}"
             self._abort()
             return
+        finally:
+            early, self._tls_early = self._tls_early, None
         if new_transport is None:
             self.close_reason = "TLS handshake failed"
             return
@@ -255,6 +264,8 @@ class SmtpSession(asyncio.Protocol):
         if self._conn.authenticated is None:  # STARTTLS forgets an AUTH made before it
             self.sender = None
         self._flush()
+        if early:  # already decrypted: the client's first command after the handshake
+            self._conn.receive_data(bytes(early))
 
     # -- AUTH ---------------------------------------------------------------------------------
 
