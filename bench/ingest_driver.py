@@ -480,7 +480,9 @@ class Postlane:
         out = open(self.dir / "serve.out", "wb")  # noqa: SIM115 - lives as long as the process
         err = open(self.dir / "serve.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(VENV_PY), "-m", "postlane", "serve"],
+            # intake only: the benchmark measures acceptance (Postfix discards;
+            # a delivery role would look up example.com in the system's DNS)
+            [str(VENV_PY), "-m", "postlane", "serve", "--role", "smtp"],
             cwd=self.dir,
             env=clean_env(),
             stdout=out,

@@ -63,11 +63,15 @@ class _State:
         return self._db
 
     @property
+    def master_key(self) -> bytes:
+        s = self.settings
+        secret = s.secret_key.get_secret_value() if s.secret_key else None
+        return crypto.load_or_create_master_key(secret, s.data_dir)
+
+    @property
     def box(self) -> crypto.SecretBox:
         if self._box is None:
-            s = self.settings
-            secret = s.secret_key.get_secret_value() if s.secret_key else None
-            self._box = crypto.SecretBox(crypto.load_or_create_master_key(secret, s.data_dir))
+            self._box = crypto.SecretBox(self.master_key)
         return self._box
 
 
@@ -111,14 +115,22 @@ def _main(
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only this role (repeatable): smtp, delivery. Default: every role",
+        ),
+    ] = None,
+) -> None:
     """Run Postlane until SIGINT or SIGTERM.
 
-    Example: postlane serve
+    Example: postlane serve --role smtp --role delivery
     """
     from postlane import runtime
 
-    runtime.run(_state.settings, _state.db, _state.box)
+    roles = runtime.parse_roles(role)
+    runtime.run(_state.settings, _state.db, _state.master_key, roles)
 
 
 @app.command()

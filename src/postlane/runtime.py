@@ -13,8 +13,9 @@ import logging
 import signal
 from typing import Any, Protocol
 
-from postlane import crypto, logs
+from postlane import logs
 from postlane.config import Settings
+from postlane.errors import InvalidInput
 from postlane.store import Database
 
 log = logging.getLogger("postlane")
@@ -56,8 +57,34 @@ class MetricsEndpoint:
             self._server.server_close()
 
 
-def build_roles(settings: Settings, db: Database, box: crypto.SecretBox) -> list[Role]:
-    """The roles this build of Postlane has: so far, the SMTP submission server."""
+ROLES = ("smtp", "delivery")
+
+
+def parse_roles(names: list[str] | None) -> tuple[str, ...]:
+    """The roles asked for on the command line (all when none), checked."""
+    if not names:
+        return ROLES
+    unknown = [n for n in names if n not in ROLES]
+    if unknown:
+        raise InvalidInput(f"unknown role {unknown[0]!r}: choose from {', '.join(ROLES)}")
+    return tuple(dict.fromkeys(names))
+
+
+def build_roles(
+    settings: Settings, db: Database, master_key: bytes, roles: tuple[str, ...] = ROLES
+) -> list[Role]:
+    """The roles to run in this process: SMTP intake and/or delivery (metrics always)."""
+    built: list[Role] = [MetricsEndpoint(settings.http.address, settings.http.port)]
+    if "smtp" in roles:
+        built.append(_smtp_role(settings, db))
+    if "delivery" in roles:
+        from postlane.delivery.worker import DeliveryWorker
+
+        built.append(DeliveryWorker(settings, db, master_key))
+    return built
+
+
+def _smtp_role(settings: Settings, db: Database) -> Role:
     from postlane.intake.committer import GroupCommitter
     from postlane.smtp.auth_guard import CredentialCache, FailureThrottle
     from postlane.smtp.authenticator import Authenticator
@@ -82,16 +109,14 @@ def build_roles(settings: Settings, db: Database, box: crypto.SecretBox) -> list
         max_batch=smtp.commit_max_batch,
         duplicate_window=smtp.duplicate_window,
     )
-    return [
-        MetricsEndpoint(settings.http.address, settings.http.port),
-        SmtpServer(settings, directory, authenticator, committer, tls),
-    ]
+    return SmtpServer(settings, directory, authenticator, committer, tls)
 
 
 async def serve(
     settings: Settings,
     db: Database,
-    box: crypto.SecretBox,
+    master_key: bytes,
+    roles: tuple[str, ...] = ROLES,
     log_buffer: logging.Handler | None = None,
 ) -> None:
     """Run every role until a stop signal arrives."""
@@ -99,11 +124,11 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    roles = build_roles(settings, db, box)
+    to_start = build_roles(settings, db, master_key, roles)
     started: list[Role] = []
     flusher = asyncio.ensure_future(logs.flush_periodically(log_buffer)) if log_buffer else None
     try:
-        for role in roles:
+        for role in to_start:
             await role.start()
             started.append(role)
         names = ", ".join(r.name for r in started) or "no roles yet"
@@ -120,13 +145,15 @@ async def serve(
     print("postlane stopped", flush=True)
 
 
-def run(settings: Settings, db: Database, box: crypto.SecretBox) -> None:
+def run(
+    settings: Settings, db: Database, master_key: bytes, roles: tuple[str, ...] = ROLES
+) -> None:
     """Entry point of ``postlane serve``."""
     log_buffer = logs.configure(settings.log_level)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        asyncio.run(serve(settings, db, box, log_buffer))
+        asyncio.run(serve(settings, db, master_key, roles, log_buffer))
     else:
-        uvloop.run(serve(settings, db, box, log_buffer))
+        uvloop.run(serve(settings, db, master_key, roles, log_buffer))
     log_buffer.flush()

@@ -68,6 +68,10 @@ class ServerConfig:
     max_message_size: int = 32 * 1024 * 1024
     #: Called with the server before it starts, to create the module's own tenants.
     prepare: Callable[[PostlaneServer], None] | None = None
+    #: ``serve --role`` values: intake only unless a module delivers (to loopback DNS).
+    roles: tuple[str, ...] = ("smtp",)
+    #: More settings (TOML tables) appended to the file.
+    extra_toml: str = ""
 
 
 def free_ports(count: int) -> list[int]:
@@ -128,7 +132,7 @@ tls = "none"
 allow_plaintext_auth = true
 require_tls_for_auth = false
 proxy_protocol = true
-"""
+{config.extra_toml}"""
 
 
 # -- the server process ------------------------------------------------------------------
@@ -253,7 +257,13 @@ class PostlaneServer:
             log_file.write(f"--- run {self.runs}\n")
             log_file.flush()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "postlane", "serve"],
+                [
+                    sys.executable,
+                    "-m",
+                    "postlane",
+                    "serve",
+                    *(arg for role in self.config.roles for arg in ("--role", role)),
+                ],
                 cwd=self.workdir,
                 env=self.env,
                 stdout=subprocess.PIPE,

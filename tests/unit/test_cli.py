@@ -297,3 +297,7 @@ def test_message_show_lists_options_and_unhandled_bits(run: Run, database_url: s
     assert "not acted on by Postlane:" in out and "cJBDynaMergeMask" in out
     assert "accepted" in out
     fails(run("message", "show", "NOPE"), "message 'NOPE' not found")
+
+
+def test_serve_refuses_an_unknown_role(run: Run) -> None:
+    fails(run("serve", "--role", "web"), "unknown role 'web': choose from smtp, delivery")

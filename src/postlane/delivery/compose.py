@@ -1,0 +1,97 @@
+"""One recipient's copy of a stored message: every render step, in order, DKIM last.
+
+The delivery worker calls :func:`compose` once per recipient; it is pure (no
+clock but DKIM's ``t=``, no I/O), so the order of the steps and what each one
+sees is tested on bytes alone. The order is the one :mod:`postlane.render`
+and the design lay down, and each step's reason for its place:
+
+1. **Template** (``options.template``). Templates replace the body, so they
+   come before anything that reads or changes the body. Templates are not
+   stored yet, so a message asking for one fails *that recipient* with a
+   clear reason rather than leaving without the content the sender wanted.
+2. **Content options** (html-to-text, UTF-8, receipts, ...): per message, not
+   per recipient; text is re-encoded before recipient values are put into it.
+3. **Recipient variables**: fill ``%recipient.KEY%`` into Subject and body.
+4. **To/Cc view**: each copy of a multi-recipient message shows its own To.
+   Applied only when the message went to more than one envelope recipient or
+   its To does not name this recipient; a one-recipient message addressed to
+   that recipient keeps its Cc as the sender wrote it.
+5. **Attachment policy** of the account (zip, unzip or off).
+6. **DKIM**: last, because any byte changed after it breaks the signature.
+
+The VERP return path is the envelope MAIL FROM only: ``Return-Path`` is a
+header the *receiving* server adds at final delivery (RFC 5321 §4.4), so no
+step writes one.
+"""
+
+from __future__ import annotations
+
+import email.policy
+from collections.abc import Sequence
+from email.errors import HeaderParseError
+from email.headerregistry import AddressHeader
+from typing import Final
+
+from postlane.errors import InvalidInput
+from postlane.options.model import SendOptions
+from postlane.render.attachments import apply_attachment_policy
+from postlane.render.content import apply_content_options, header_section
+from postlane.render.dkim import DkimKey, sign
+from postlane.render.personalise import substitute_recipient_variables
+from postlane.render.recipients_view import view_for
+from postlane.store.accounts import Account
+
+__all__ = ["TEMPLATES_NOT_STORED", "compose"]
+
+TEMPLATES_NOT_STORED: Final = "templates are not stored yet"
+
+
+def compose(
+    raw: bytes,
+    *,
+    recipient: str,
+    options: SendOptions,
+    account: Account,
+    dkim_keys: Sequence[DkimKey],
+    recipients_in_message: int,
+    attachment_password: str | None = None,
+    timestamp: int | None = None,
+) -> bytes:
+    """The bytes that leave for ``recipient``: ``raw`` rendered and DKIM-signed.
+
+    ``attachment_password`` is the account's archive password, decrypted by
+    the caller (this module holds no keys). ``timestamp`` is DKIM's ``t=``
+    (now when None). Raises :class:`InvalidInput` when the copy cannot be
+    made (a template was asked for, the stored message is malformed, no
+    DKIM key): the caller fails this recipient with the message's text.
+    """
+    if options.template is not None:
+        raise InvalidInput(f"template {options.template!r}: {TEMPLATES_NOT_STORED}")
+    if not dkim_keys:
+        raise InvalidInput("no DKIM key to sign with: the sending domain has none")
+    message = apply_content_options(raw, options)
+    message = substitute_recipient_variables(message, recipient, options.recipient_variables)
+    if recipients_in_message > 1 or not _to_names_only(message, recipient):
+        message = view_for(message, recipient, keep_to=options.keep_to, keep_cc=options.keep_cc)
+    message = apply_attachment_policy(
+        message,
+        account.attachment_policy,
+        archive_name=account.attachment_archive_name,
+        password=attachment_password,
+    )
+    return sign(message, dkim_keys, timestamp=timestamp)
+
+
+def _to_names_only(message: bytes, recipient: str) -> bool:
+    """Whether the message has one To field naming exactly ``recipient`` and nobody else."""
+    fields = [f for f in header_section(message).fields if f.name.lower() == "to"]
+    if len(fields) != 1:
+        return False
+    try:
+        header = email.policy.SMTP.header_factory(fields[0].name, fields[0].value)
+    except (HeaderParseError, ValueError, IndexError):
+        return False
+    if not isinstance(header, AddressHeader):
+        return False
+    addresses = header.addresses
+    return len(addresses) == 1 and addresses[0].addr_spec.casefold() == recipient.casefold()

@@ -1,0 +1,756 @@
+"""The delivery worker: leases due recipients and takes each to its mail exchanger.
+
+One :class:`DeliveryWorker` per process (the ``delivery`` role). Its loop:
+
+1. **Lease** up to ``lease_batch`` due rows (highest priority first) in one
+   short transaction, in a thread: the database driver blocks, the event loop
+   must not. Every so often also **sweep**: rows whose lease ran out (a dead
+   worker's) go back to the queue, and waiting rows past their expiry expire.
+2. **Group** the rows by recipient domain and handle each group in its own
+   task, so one slow domain (timeouts, tarpits) never holds up the others;
+   new rows are leased while groups are still under way, up to
+   ``lease_batch`` rows in flight.
+3. Per group: load each message once; drop **suppressed** addresses; render
+   and sign each copy (:func:`~postlane.delivery.compose.compose`); resolve
+   the domain's route once; open **one connection** (per TLS policy) and send
+   every copy over it, pipelined; record each outcome.
+
+Outcomes, each in its own short transaction fenced on the lease (see
+:mod:`postlane.store.queue`): 2xx delivered; 4xx, a lost connection or no
+reachable host deferred with backoff (at least a minute, never past the
+expiry, which turns it into ``expired``); 5xx failed, and the address
+suppressed when :func:`~postlane.delivery.bounce_class.classify` says it is a
+hard bounce. Anything that goes wrong for one recipient — a render error, a
+bug — fails or defers that recipient only: the worker logs it and goes on.
+
+Why every copy has its own envelope sender: the VERP address
+(:mod:`postlane.delivery.verp`) names the recipient row, so any bounce, in any
+format, finds its recipient. That makes each copy one SMTP transaction; the
+connection is still reused and the transactions pipelined.
+
+Not done here yet: MTA-STS (:mod:`postlane.delivery.mta_sts`), connection
+caching across batches, per-destination rate shaping, DSN generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import ssl
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeVar
+
+from publicsuffixlist import PublicSuffixList
+from sqlalchemy.engine import Connection
+
+from postlane.config import Settings
+from postlane.crypto import SecretBox, derive_key
+from postlane.delivery import verp
+from postlane.delivery.backoff import next_attempt, parse_retry_hint
+from postlane.delivery.bounce_class import classify
+from postlane.delivery.client import (
+    OutboundConnection,
+    OutboundError,
+    TlsHandshakeFailed,
+    TlsPolicy,
+    connect,
+)
+from postlane.delivery.client_protocol import Reply, TransactionResult
+from postlane.delivery.compose import compose
+from postlane.delivery.resolver import Resolver
+from postlane.delivery.routing import DnsFailure, NullMx, Route
+from postlane.errors import PostlaneError
+from postlane.options.model import SendOptions
+from postlane.render.dkim import DkimKey
+from postlane.store import Database, queue
+from postlane.store import accounts as account_store
+from postlane.store import domains as domain_store
+from postlane.store import messages as message_store
+from postlane.store import suppressions as suppression_store
+from postlane.store.accounts import Account
+from postlane.store.domains import SendingDomain
+from postlane.store.messages import MessageRecord
+
+__all__ = ["VERP_KEY_PURPOSE", "DeliveryWorker"]
+
+log = logging.getLogger("postlane.delivery")
+
+VERP_KEY_PURPOSE: Final = "postlane/verp/v1"
+SWEEP_INTERVAL: Final = 30.0  # seconds between reclaim/expire sweeps
+SWEEP_LIMIT: Final = 1000  # rows expired per sweep transaction (keeps SQLite writers moving)
+STOP_GRACE: Final = 30.0  # seconds stop() lets in-flight groups finish
+_COUNT_CACHE: Final = 1024  # messages whose recipient count is remembered
+_NO_DOMAIN: Final = "account has no sending domain"
+_SUPPRESSED: Final = "address is on the account's suppression list"
+_PSL = PublicSuffixList()
+
+_T = TypeVar("_T")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _owner_id() -> str:
+    """Unique per process *and* incarnation, as the queue's fencing needs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    """Whom a message is sent as: the DKIM keys and the bounce domain of one sending domain."""
+
+    domain: str
+    bounce_domain: str
+    keys: tuple[DkimKey, ...]
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """A message as a batch needs it, loaded once for all its recipients."""
+
+    message: MessageRecord
+    account: Account
+    domains: list[SendingDomain]
+    recipients: int
+
+
+@dataclass(slots=True)
+class _Job:
+    """One leased recipient, rendered and ready to send."""
+
+    row: queue.Leased
+    mail_from: str
+    data: bytes
+    require_tls: bool
+    smtputf8: bool
+    eight_bit: bool
+
+
+@dataclass(slots=True)
+class _Host:
+    """The connection a group's copies go over, and what to say about it in events.
+
+    ``details`` is read when the session is set up: after close() the
+    transport (and its TLS facts) is gone.
+    """
+
+    connection: OutboundConnection
+    mx: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, connection: OutboundConnection, mx: str) -> _Host:
+        details = {
+            "mx": mx,
+            "ip": connection.peer_ip,
+            "tls": connection.tls_version,
+            "cipher": connection.tls_cipher,
+        }
+        return cls(connection, mx, details)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Per-batch caches shared by the batch's domain groups."""
+
+    loads: dict[str, asyncio.Task[_Loaded]] = field(default_factory=dict)
+
+
+class DeliveryWorker:
+    """The ``delivery`` role: see the module docstring.
+
+    ``master_key`` is the installation's master secret: DKIM keys and
+    attachment passwords are decrypted with a :class:`SecretBox` derived from
+    it, and VERP tags are made with another key derived from it. ``clock``,
+    ``resolver`` and ``ssl_context`` (the CA store for required TLS) are for
+    tests. ``helo_name`` defaults to ``settings.hostname``.
+    """
+
+    name = "delivery"
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        master_key: bytes,
+        *,
+        resolver: Resolver | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+        ssl_context: ssl.SSLContext | None = None,
+        helo_name: str | None = None,
+        connect_timeout: float = 30.0,
+        command_timeout: float = 300.0,
+    ) -> None:
+        self._settings = settings.delivery
+        self._db = db
+        self._box = SecretBox(master_key)
+        self._verp_key = derive_key(master_key, VERP_KEY_PURPOSE)
+        self._resolver = resolver or Resolver(self._settings.nameservers)
+        self._clock = clock
+        self._ssl_context = ssl_context
+        self._helo = helo_name or settings.hostname
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self.owner = _owner_id()
+        self._connections = asyncio.Semaphore(self._settings.concurrency)
+        self._groups: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._last_sweep = float("-inf")
+        self._identities: dict[tuple[int, datetime], _Identity] = {}
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    # -- the role ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the loop; returns at once."""
+        self._stopping.clear()
+        self._loop_task = asyncio.create_task(self._run(), name="delivery-loop")
+        log.info("delivery worker %s started", self.owner)
+
+    async def stop(self) -> None:
+        """Stop leasing, let groups in flight finish (up to STOP_GRACE seconds), then cancel.
+
+        A group cancelled mid-way leaves its unreported rows ``sending``; their
+        lease runs out and any worker's sweep puts them back in the queue.
+        """
+        self._stopping.set()
+        self._wake.set()
+        if self._loop_task is not None:
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        if self._groups:
+            _, pending = await asyncio.wait(set(self._groups), timeout=STOP_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        log.info("delivery worker %s stopped", self.owner)
+
+    async def _run(self) -> None:
+        interval = self._settings.poll_interval
+        while not self._stopping.is_set():
+            leased = 0
+            try:
+                await self._sweep_if_due()
+                room = self._settings.lease_batch - self._in_flight
+                if room > 0:
+                    leased = len(self._dispatch(await self._lease(room)))
+            except Exception:  # the database may be down for a moment: wait, then try again
+                log.exception("delivery loop iteration failed")
+            if leased == 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=interval)
+
+    # -- one batch ----------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Lease one batch and deliver it completely; the number of rows leased.
+
+        For tests and tools: the running role leases continuously instead.
+        Also runs the sweep (reclaim, expire) first.
+        """
+        await self._sweep()
+        rows = await self._lease(self._settings.lease_batch)
+        await asyncio.gather(*self._dispatch(rows))
+        return len(rows)
+
+    async def _lease(self, limit: int) -> list[queue.Leased]:
+        now = self._clock()
+        lease_for = timedelta(seconds=self._settings.lease_seconds)
+        dialect = self._db.dialect_name
+
+        def lease(conn: Connection) -> list[queue.Leased]:
+            return queue.lease_due(
+                conn, owner=self.owner, now=now, limit=limit, lease_for=lease_for, dialect=dialect
+            )
+
+        return await self._write(lease)
+
+    def _dispatch(self, rows: Sequence[queue.Leased]) -> list[asyncio.Task[None]]:
+        """One task per recipient domain; rows arrive sorted by domain."""
+        batch = _Batch()
+        groups: dict[str, list[queue.Leased]] = {}
+        for row in rows:
+            groups.setdefault(row.domain.lower(), []).append(row)
+        tasks = []
+        for domain, members in groups.items():
+            self._in_flight += len(members)
+            task = asyncio.create_task(
+                self._group(domain, members, batch), name=f"deliver:{domain}"
+            )
+            self._groups.add(task)
+            task.add_done_callback(self._group_done(len(members)))
+            tasks.append(task)
+        return tasks
+
+    def _group_done(self, count: int) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._groups.discard(task)
+            self._in_flight -= count
+            self._wake.set()
+            if not task.cancelled() and task.exception() is not None:
+                log.error("delivery group failed", exc_info=task.exception())
+
+        return done
+
+    async def _sweep_if_due(self) -> None:
+        loop_time = asyncio.get_running_loop().time()
+        if loop_time - self._last_sweep >= SWEEP_INTERVAL:
+            self._last_sweep = loop_time
+            await self._sweep()
+
+    async def _sweep(self) -> None:
+        """Reclaim rows of dead workers and expire overdue waiting rows, in small transactions."""
+        now = self._clock()
+        reclaimed = await self._write(lambda conn: queue.reclaim_expired_leases(conn, now=now))
+        expired = SWEEP_LIMIT
+        total = 0
+        while expired == SWEEP_LIMIT:
+            expired = await self._write(
+                lambda conn: queue.expire_overdue(conn, now=now, limit=SWEEP_LIMIT)
+            )
+            total += expired
+        if reclaimed or total:
+            log.info("sweep: %d leases reclaimed, %d recipients expired", reclaimed, total)
+
+    # -- one domain ---------------------------------------------------------------------------
+
+    async def _group(self, domain: str, rows: list[queue.Leased], batch: _Batch) -> None:
+        """Deliver one domain's rows; never raises for a single recipient's trouble."""
+        jobs = [job for job in await self._prepare_all(rows, batch) if job is not None]
+        if not jobs:
+            return
+        for require_tls in (False, True):
+            subset = [job for job in jobs if job.require_tls == require_tls]
+            if subset:
+                await self._deliver(domain, subset, "required" if require_tls else "opportunistic")
+
+    async def _prepare_all(self, rows: list[queue.Leased], batch: _Batch) -> list[_Job | None]:
+        """Each row rendered into a job, or its outcome recorded now (None)."""
+        suppressed = await self._suppressed(rows, batch)
+        results: list[_Job | None] = []
+        for row in rows:
+            try:
+                results.append(await self._prepare(row, batch, suppressed))
+            except Exception as exc:  # a bug for one recipient fails that recipient only
+                log.exception("cannot prepare recipient %d", row.id)
+                await self._fail(row, f"internal error preparing the message: {exc}", {})
+                results.append(None)
+        return results
+
+    async def _suppressed(self, rows: list[queue.Leased], batch: _Batch) -> set[int]:
+        """Ids of the rows whose address their account has suppressed (and may not bypass)."""
+        checked: dict[int, list[queue.Leased]] = {}
+        for row in rows:
+            try:
+                loaded = await self._load(row.message_id, batch)
+                options = SendOptions.from_json(loaded.message.options)
+            except Exception as exc:
+                log.debug("recipient %d: not checked for suppression: %s", row.id, exc)
+                continue  # _prepare fails it with the reason
+            if not options.bypass_list_filters:
+                checked.setdefault(row.account_id, []).append(row)
+        found: set[int] = set()
+        for account_id, members in checked.items():
+            addresses = [row.address for row in members]
+            hits = await self._read(_suppression_check(account_id, addresses))
+            found.update(row.id for row in members if row.address in hits)
+        return found
+
+    async def _prepare(self, row: queue.Leased, batch: _Batch, suppressed: set[int]) -> _Job | None:
+        now = self._clock()
+        if row.id in suppressed:
+            await self._record(
+                row,
+                lambda conn: queue.mark_suppressed(
+                    conn, row.id, owner=self.owner, now=now, reason=_SUPPRESSED
+                ),
+            )
+            return None
+        if row.expires_at <= now:
+            await self._record(
+                row,
+                lambda conn: queue.mark_expired(
+                    conn,
+                    row.id,
+                    owner=self.owner,
+                    now=now,
+                    reply=None,
+                    data={"reason": "expired before it could be sent"},
+                    attempted=False,
+                ),
+            )
+            return None
+        try:
+            loaded = await self._load(row.message_id, batch)
+            options = SendOptions.from_json(loaded.message.options)
+            identity = self._identity(loaded)
+            if identity is None:
+                await self._fail(row, _NO_DOMAIN, {"stage": "render"})
+                return None
+            password = None
+            if loaded.account.attachment_password_enc:
+                password = self._box.decrypt(loaded.account.attachment_password_enc).decode()
+            data = await asyncio.to_thread(
+                compose,
+                loaded.message.raw,
+                recipient=row.address,
+                options=options,
+                account=loaded.account,
+                dkim_keys=identity.keys,
+                recipients_in_message=loaded.recipients,
+                attachment_password=password,
+            )
+            mail_from = verp.encode(row.id, key=self._verp_key, domain=identity.bounce_domain)
+        except PostlaneError as exc:
+            await self._fail(row, str(exc), {"stage": "render"})
+            return None
+        if options.test_mode:
+            await self._record(
+                row,
+                lambda conn: queue.mark_delivered(
+                    conn,
+                    row.id,
+                    owner=self.owner,
+                    now=self._clock(),
+                    data={"test": True, "size": len(data)},
+                ),
+            )
+            return None
+        header_end = data.find(b"\r\n\r\n")
+        return _Job(
+            row=row,
+            mail_from=mail_from,
+            data=data,
+            require_tls=options.require_tls,
+            smtputf8=not row.address.isascii() or not data[:header_end].isascii(),
+            eight_bit=not data.isascii(),
+        )
+
+    async def _load(self, message_id: str, batch: _Batch) -> _Loaded:
+        """The message, its account and sending domains: once per batch, shared by groups."""
+        task = batch.loads.get(message_id)
+        if task is None:
+            task = asyncio.ensure_future(self._read(lambda conn: self._load_now(conn, message_id)))
+            batch.loads[message_id] = task
+        return await asyncio.shield(task)
+
+    def _load_now(self, conn: Connection, message_id: str) -> _Loaded:
+        message = message_store.get_message(conn, message_id)
+        account = account_store.get_account(conn, message.account_id)
+        domains = domain_store.domains_for_account(conn, message.account_id)
+        count = self._counts.get(message_id)
+        if count is None:
+            # recipients_of reads every row; remembered so a campaign is counted once.
+            count = len(message_store.recipients_of(conn, message_id))
+            self._counts[message_id] = count
+            if len(self._counts) > _COUNT_CACHE:
+                self._counts.popitem(last=False)
+        return _Loaded(message, account, domains, count)
+
+    def _identity(self, loaded: _Loaded) -> _Identity | None:
+        """The sending domain aligned with the From (exact, else same organisational domain).
+
+        Falls back to the account's first domain: intake's "alert" policy may
+        have accepted a From aligned with none, and such mail still leaves
+        signed by the customer's own domain, never unsigned.
+        """
+        domains = loaded.domains
+        if not domains:
+            return None
+        from_domain = loaded.message.header_from.rpartition("@")[2].lower().rstrip(">")
+        chosen = next((d for d in domains if d.name == from_domain), None)
+        if chosen is None:
+            organisation = _organisational(from_domain)
+            chosen = next(
+                (d for d in domains if organisation and _organisational(d.name) == organisation),
+                domains[0],
+            )
+        key = (chosen.id, chosen.updated_at)
+        identity = self._identities.get(key)
+        if identity is None:
+            keys = [
+                DkimKey.from_pem(
+                    chosen.name,
+                    chosen.dkim_selector,
+                    self._box.decrypt(chosen.dkim_private_key_enc),
+                )
+            ]
+            if chosen.ed25519_selector and chosen.ed25519_private_key_enc:
+                pem = self._box.decrypt(chosen.ed25519_private_key_enc)
+                keys.append(DkimKey.from_pem(chosen.name, chosen.ed25519_selector, pem))
+            identity = _Identity(
+                chosen.name, f"{chosen.return_path_subdomain}.{chosen.name}", tuple(keys)
+            )
+            self._identities[key] = identity
+        return identity
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def _deliver(self, domain: str, jobs: list[_Job], tls: TlsPolicy) -> None:
+        route = await self._route(domain)
+        if isinstance(route, NullMx):
+            for job in jobs:
+                await self._fail(
+                    job.row, route.reason, {"status": route.status}, status=route.status
+                )
+            return
+        if isinstance(route, DnsFailure):
+            for job in jobs:
+                if route.temporary:
+                    await self._defer(job.row, route.reason, {"status": route.status})
+                else:
+                    await self._fail(job.row, route.reason, {"status": route.status})
+            return
+        async with self._connections:
+            host = await self._connect(route, tls)
+            if not isinstance(host, _Host):
+                problem = host
+                for job in jobs:
+                    if problem.temporary:
+                        await self._defer(job.row, problem.reason, {"status": problem.status})
+                    else:
+                        await self._fail(job.row, problem.reason, {"status": problem.status})
+                return
+            try:
+                results = await asyncio.gather(
+                    *(self._send(host, job) for job in jobs), return_exceptions=True
+                )
+            finally:
+                await host.connection.close()
+        for job, result in zip(jobs, results, strict=True):
+            try:
+                await self._outcome(job, host, result)
+            except Exception as exc:  # a bug here must not leave the others unrecorded
+                log.exception("cannot record the outcome for recipient %d", job.row.id)
+                if isinstance(result, TransactionResult) and result.delivered:
+                    continue  # accepted remotely: never resend on our own error
+                with contextlib.suppress(Exception):
+                    await self._defer(job.row, f"internal error recording the outcome: {exc}", {})
+
+    async def _route(self, domain: str) -> Route | NullMx | DnsFailure:
+        if domain.startswith("[") and domain.endswith("]"):
+            literal = domain[1:-1].removeprefix("ipv6:").removeprefix("IPv6:")
+            return Route(domain=domain, hosts=(literal,), implicit=True)
+        try:
+            return await self._resolver.route(domain)
+        except Exception as exc:  # a resolver bug must not take the group down silently
+            log.exception("route lookup for %s failed", domain)
+            return DnsFailure(temporary=True, reason=f"DNS lookup failed: {exc}", status="4.4.3")
+
+    async def _connect(self, route: Route, tls: TlsPolicy) -> _Host | DnsFailure | OutboundError:
+        """A connection to the first MX host and address that answers, or the last problem.
+
+        The problem is permanent only when every host had a permanent DNS
+        failure (none exists or has an address); any connection trouble or
+        temporary DNS failure makes it temporary.
+        """
+        problem: DnsFailure | OutboundError | None = None
+        temporary = False
+        for mx in route.hosts:
+            addresses: list[str] | DnsFailure
+            if route.implicit and route.domain.startswith("["):
+                addresses = [mx]
+            else:
+                addresses = await self._resolver.addresses(mx)
+            if isinstance(addresses, DnsFailure):
+                problem, temporary = addresses, temporary or addresses.temporary
+                continue
+            for address in addresses:
+                try:
+                    connection = await self._open(address, mx, tls)
+                except OutboundError as exc:
+                    log.info("delivery to %s [%s] failed: %s", mx, address, exc.reason)
+                    problem, temporary = exc, True
+                    continue
+                return _Host.of(connection, mx)
+        if problem is None:
+            problem = DnsFailure(temporary=True, reason=f"{route.domain}: no hosts", status="4.4.4")
+        if isinstance(problem, DnsFailure) and temporary and not problem.temporary:
+            problem = DnsFailure(temporary=True, reason=problem.reason, status="4.4.4")
+        return problem
+
+    async def _open(self, address: str, mx: str, tls: TlsPolicy) -> OutboundConnection:
+        """Connect; an opportunistic TLS handshake that fails is retried once in plaintext.
+
+        That is Postfix's ``may`` level: unverified TLS only protects against
+        passive listening, and refusing to deliver because a server's TLS is
+        broken would make that server unreachable. Required TLS is never
+        downgraded.
+        """
+
+        async def attempt(policy: TlsPolicy) -> OutboundConnection:
+            return await connect(
+                address,
+                self._settings.mx_port,
+                helo_name=self._helo,
+                tls=policy,
+                server_hostname=mx,
+                ssl_context=self._ssl_context,
+                connect_timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+            )
+
+        try:
+            return await attempt(tls)
+        except TlsHandshakeFailed:
+            if tls != "opportunistic":
+                raise
+            return await attempt("none")
+
+    async def _send(self, host: _Host, job: _Job) -> TransactionResult:
+        return await host.connection.send(
+            job.mail_from,
+            [job.row.address],
+            job.data,
+            smtputf8=job.smtputf8,
+            eight_bit=job.eight_bit,
+            size=len(job.data),
+        )
+
+    async def _outcome(
+        self, job: _Job, host: _Host, result: TransactionResult | BaseException
+    ) -> None:
+        row = job.row
+        details = dict(host.details)
+        if isinstance(result, OutboundError):
+            await self._defer(row, result.reason, {**details, "status": result.status})
+            return
+        if isinstance(result, BaseException):
+            log.error("sending recipient %d failed", row.id, exc_info=result)
+            await self._defer(row, f"internal error while sending: {result}", details)
+            return
+        reply = result.outcome(row.address)
+        await self._reply_outcome(row, reply, details)
+
+    async def _reply_outcome(
+        self, row: queue.Leased, reply: Reply, details: dict[str, Any]
+    ) -> None:
+        text = str(reply)
+        if reply.code < 400:
+            now = self._clock()
+            await self._record(
+                row,
+                lambda conn: queue.mark_delivered(
+                    conn, row.id, owner=self.owner, now=now, data=details, reply=text
+                ),
+            )
+            return
+        verdict = classify(reply.code, reply.enhanced, reply.text)
+        data = {**details, "kind": verdict.kind.value, "reason": verdict.reason}
+        if reply.enhanced:
+            data["status"] = reply.enhanced
+        if not verdict.permanent:
+            await self._defer(row, text, data, hint=parse_retry_hint(reply.text))
+            return
+        now = self._clock()
+
+        def fail(conn: Connection) -> bool:
+            done = queue.mark_failed(conn, row.id, owner=self.owner, now=now, reply=text, data=data)
+            if done and verdict.suppress:
+                suppression_store.add_suppression(
+                    conn, row.account_id, row.address, "hard_bounce", text, now=now
+                )
+            return done
+
+        await self._record(row, fail)
+
+    # -- recording outcomes -------------------------------------------------------------------
+
+    async def _defer(
+        self,
+        row: queue.Leased,
+        reason: str,
+        data: dict[str, Any],
+        *,
+        hint: timedelta | None = None,
+    ) -> None:
+        """Deferred with backoff, or expired when the next try would be past the expiry."""
+        now = self._clock()
+        due = next_attempt(row.attempts + 1, now, expires_at=row.expires_at, retry_hint=hint)
+        if due is None:
+            await self._record(
+                row,
+                lambda conn: queue.mark_expired(
+                    conn, row.id, owner=self.owner, now=now, reply=reason, data=data
+                ),
+            )
+            return
+        await self._record(
+            row,
+            lambda conn: queue.mark_deferred(
+                conn,
+                row.id,
+                owner=self.owner,
+                now=now,
+                next_attempt_at=due,
+                reply=reason,
+                data=data,
+            ),
+        )
+
+    async def _fail(
+        self, row: queue.Leased, reason: str, data: dict[str, Any], *, status: str | None = None
+    ) -> None:
+        now = self._clock()
+        payload = dict(data)
+        if status is not None:
+            payload.setdefault("status", status)
+        payload.setdefault("reason", reason)
+        await self._record(
+            row,
+            lambda conn: queue.mark_failed(
+                conn, row.id, owner=self.owner, now=now, reply=reason, data=payload
+            ),
+        )
+
+    async def _record(self, row: queue.Leased, write: Callable[[Connection], bool]) -> None:
+        """Write one outcome in its own transaction; a lost lease is logged, not an error."""
+        if not await self._write(write):
+            log.warning("recipient %d: lease lost before its outcome was recorded", row.id)
+
+    # -- the database, off the event loop -------------------------------------------------------
+
+    async def _write(self, work: Callable[[Connection], _T]) -> _T:
+        def run() -> _T:
+            with self._db.begin() as conn:
+                return work(conn)
+
+        return await asyncio.to_thread(run)
+
+    async def _read(self, work: Callable[[Connection], _T]) -> _T:
+        def run() -> _T:
+            with self._db.connect() as conn:
+                return work(conn)
+
+        return await asyncio.to_thread(run)
+
+
+def _organisational(domain: str) -> str | None:
+    """The registrable domain (RFC 7489 §3.2), for relaxed From alignment."""
+    if not domain or domain.startswith("["):
+        return None
+    try:
+        ascii_name = domain if domain.isascii() else domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    result: str | None = _PSL.privatesuffix(ascii_name)
+    return result
+
+
+def _suppression_check(account_id: int, addresses: list[str]) -> Callable[[Connection], set[str]]:
+    def check(conn: Connection) -> set[str]:
+        return suppression_store.is_suppressed(conn, account_id, addresses)
+
+    return check

@@ -1,0 +1,534 @@
+"""The delivery worker end to end: a real database, DNS server and receiving SMTP server.
+
+Each test seeds an account with a sending domain (``shop.example``, DKIM keys
+made by the admin code) and messages through the intake store, points the
+worker at the test DNS server (``dnsserver.py``) and at a receiving server on
+loopback, drives it with ``run_once()`` and checks what the store recorded and
+what the receiver got. The receiver is Postlane's own server engine
+(``smtp.protocol.Connection``) behind a small asyncio listener that answers
+each recipient as the test says. Runs on SQLite and on PostgreSQL.
+
+DNS: ``example.test`` → MX ``mx.test.example`` → 127.0.0.1 (the name the
+conftest's test CA certifies, so required TLS can verify it);
+``nullmx.test`` has a null MX; ``broken.test`` answers SERVFAIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dkim
+import pytest
+
+from dnsserver import DnsServer
+from postlane import crypto
+from postlane.config import Settings
+from postlane.delivery import verp
+from postlane.delivery.worker import VERP_KEY_PURPOSE, DeliveryWorker
+from postlane.smtp import protocol as p
+from postlane.store import Database, queue, upgrade
+from postlane.store import messages as message_store
+from postlane.store import suppressions as suppression_store
+from postlane.store.domains import SendingDomain
+from postlane.store.intake import NewMessage, NewRecipient, insert_messages
+from postlane.tenants import admin
+
+from .conftest import MX_NAME, Pki
+
+T = TypeVar("T")
+MASTER = b"w" * 32
+QUEUED = p.Reply(250, "2.0.0", ("Ok: queued",))
+
+
+# -- the receiving server ------------------------------------------------------------------------
+
+
+@dataclass
+class Delivered:
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+    tls: bool
+
+
+@dataclass
+class Receiver:
+    """Accepts everything except the recipients in ``replies``, which get that reply."""
+
+    replies: dict[str, p.Reply] = field(default_factory=dict)
+    tls: ssl.SSLContext | None = None
+    messages: list[Delivered] = field(default_factory=list)
+    sessions: int = 0
+    server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: _ReceiverSession(self), "127.0.0.1", 0
+        )
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+class _ReceiverSession(asyncio.Protocol):
+    def __init__(self, owner: Receiver) -> None:
+        self.owner = owner
+        policy = p.SessionPolicy(
+            MX_NAME, auth_required=False, starttls_available=owner.tls is not None
+        )
+        self.conn = p.Connection(policy)
+        self.transport: asyncio.Transport | None = None
+        self.upgrading = False
+        self.early = b""
+        self.task: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.owner.sessions += 1
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgrading:
+            self.early += data
+            return
+        self.conn.receive_data(data)
+        self.pump()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_data(b"")
+        self.pump()
+        return None
+
+    def pump(self) -> None:
+        while not self.upgrading and (event := self.conn.next_event()) is not None:
+            if isinstance(event, p.MailFrom):
+                self.conn.answer()
+            elif isinstance(event, p.Rcpt):
+                self.conn.answer(self.owner.replies.get(event.address))
+            elif isinstance(event, p.MessageReceived):
+                self.owner.messages.append(
+                    Delivered(event.mail_from, event.recipients, event.data, self.conn.tls_active)
+                )
+                self.conn.answer_message(QUEUED)
+            elif isinstance(event, p.StartTLS):
+                self.flush()
+                self.upgrading = True
+                self.task = asyncio.ensure_future(self.upgrade())
+                return
+            elif isinstance(event, p.CloseRequested):
+                self.flush()
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        self.flush()
+
+    async def upgrade(self) -> None:
+        assert self.transport is not None and self.owner.tls is not None
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, self.owner.tls, server_side=True
+            )
+        except (ssl.SSLError, OSError):
+            self.transport.abort()
+            return
+        assert transport is not None
+        self.transport = transport
+        self.upgrading = False
+        self.conn.tls_started()
+        early, self.early = self.early, b""
+        if early:
+            self.conn.receive_data(early)
+        self.pump()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker_dns() -> Iterator[DnsServer]:
+    records = {
+        ("example.test", "MX"): ["10 " + MX_NAME],
+        (MX_NAME, "A"): ["127.0.0.1"],
+        ("nullmx.test", "MX"): ["0 ."],
+    }
+    with DnsServer(records, servfail={"broken.test"}) as server:
+        yield server
+
+
+@dataclass
+class Env:
+    """A migrated database with account ``shop`` and its domain ``shop.example``."""
+
+    db: Database
+    domain: SendingDomain
+    account_id: int
+    dns: DnsServer
+    tmp_path: Path
+
+    def settings(self, port: int, **delivery: Any) -> Settings:
+        values: dict[str, Any] = {
+            "nameservers": [self.dns.nameserver],
+            "mx_port": port,
+            "lease_batch": 100,
+            "lease_seconds": 60,
+            **delivery,
+        }
+        return Settings(hostname="out.shop.example", data_dir=self.tmp_path, delivery=values)
+
+    def message(
+        self,
+        *addresses: str,
+        priority: int = 3,
+        options: dict[str, Any] | None = None,
+        header_from: str = "news@shop.example",
+        received_at: datetime | None = None,
+    ) -> str:
+        now = received_at or datetime.now(UTC) - timedelta(seconds=5)
+        message_id = uuid.uuid4().hex
+        to = ", ".join(addresses)
+        raw = (
+            f"From: Shop <{header_from}>\r\nTo: {to}\r\nSubject: Hello\r\n"
+            f"Date: Mon, 01 Jan 2024 10:00:00 +0000\r\n"
+            f"Message-ID: <{message_id}@shop.example>\r\n\r\nHello there.\r\n"
+        ).encode()
+        batch = NewMessage(
+            id=message_id,
+            account_id=self.account_id,
+            smtp_user_id=None,
+            mail_from=header_from,
+            header_from=header_from,
+            message_id_header=f"<{message_id}@shop.example>",
+            subject="Hello",
+            raw=raw,
+            options=options or {},
+            client_ip="127.0.0.1",
+            tls=None,
+            received_at=now,
+            dedupe_key=None,
+            recipients=tuple(
+                NewRecipient(
+                    address=address,
+                    domain=address.rpartition("@")[2],
+                    priority=priority,
+                    next_attempt_at=now,
+                    expires_at=now + timedelta(days=3),
+                )
+                for address in addresses
+            ),
+        )
+        with self.db.begin() as conn:
+            insert_messages(conn, [batch])
+        return message_id
+
+    def recipients(self, message_id: str) -> dict[str, message_store.RecipientRecord]:
+        with self.db.connect() as conn:
+            return {r.address: r for r in message_store.recipients_of(conn, message_id)}
+
+    def events(self, message_id: str, kind: str) -> list[message_store.EventRecord]:
+        with self.db.connect() as conn:
+            return [e for e in message_store.events_of(conn, message_id) if e.type == kind]
+
+    def suppressed(self) -> set[str]:
+        with self.db.connect() as conn:
+            rows = suppression_store.list_suppressions(conn, self.account_id)
+        return {row.address for row in rows}
+
+    def verp_for(self, recipient_id: int) -> str:
+        key = crypto.derive_key(MASTER, VERP_KEY_PURPOSE)
+        return verp.encode(recipient_id, key=key, domain="bounce.shop.example")
+
+    def dkim_dns(self) -> Callable[..., bytes | None]:
+        name = f"{self.domain.dkim_selector}._domainkey.shop.example"
+        record = f"v=DKIM1; k=rsa; p={self.domain.dkim_public_key}".encode()
+
+        def lookup(qname: bytes, timeout: int = 5) -> bytes | None:
+            return record if qname.decode().rstrip(".") == name else None
+
+        return lookup
+
+
+@pytest.fixture
+def env(database_url: str, worker_dns: DnsServer, tmp_path: Path) -> Iterator[Env]:
+    db = Database.from_url(database_url)
+    upgrade(db)
+    box = crypto.SecretBox(MASTER)
+    account = admin.create_account(db, "shop")
+    domain = admin.add_domain(db, box, "shop", "shop.example", selector="pl1")
+    try:
+        yield Env(db, domain, account.id, worker_dns, tmp_path)
+    finally:
+        db.dispose()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def deliver(
+    env: Env,
+    receiver: Receiver,
+    *,
+    rounds: int = 1,
+    ssl_context: ssl.SSLContext | None = None,
+    **delivery: Any,
+) -> list[int]:
+    """Start ``receiver``, run the worker ``rounds`` times; the rows leased each time."""
+    port = await receiver.start()
+    try:
+        worker = DeliveryWorker(
+            env.settings(port, **delivery), env.db, MASTER, ssl_context=ssl_context
+        )
+        return [await worker.run_once() for _ in range(rounds)]
+    finally:
+        await receiver.stop()
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_delivers_signed_copy_with_verp_sender(env: Env) -> None:
+    message_id = env.message("ann@example.test", "bob@example.test")
+    receiver = Receiver()
+    assert run(deliver(env, receiver)) == [2]
+
+    rows = env.recipients(message_id)
+    assert {r.status for r in rows.values()} == {"delivered"}
+    assert receiver.sessions == 1  # one connection for the domain's copies
+    by_rcpt = {m.recipients: m for m in receiver.messages}
+    for address, row in rows.items():
+        received = by_rcpt[(address,)]
+        assert received.mail_from == env.verp_for(row.id)
+        assert dkim.verify(received.data, dnsfunc=env.dkim_dns())
+        assert f"To: {address}".encode() in received.data  # each copy shows its own To
+    events = env.events(message_id, "delivered")
+    assert len(events) == 2
+    assert events[0].data["mx"] == MX_NAME
+    assert events[0].data["ip"] == "127.0.0.1"
+    assert "tls" in events[0].data and events[0].data["tls"] is None
+    assert events[0].data["reply"].startswith("250")
+
+
+def test_replies_decide_each_recipient(env: Env) -> None:
+    message_id = env.message(
+        "ok@example.test", "later@example.test", "gone@example.test", "policy@example.test"
+    )
+    receiver = Receiver(
+        replies={
+            "later@example.test": p.Reply(450, "4.2.0", ("Mailbox busy, try again later",)),
+            "gone@example.test": p.Reply(550, "5.1.1", ("No such user here",)),
+            "policy@example.test": p.Reply(550, "5.7.1", ("Message refused by local policy",)),
+        }
+    )
+    before = datetime.now(UTC)
+    run(deliver(env, receiver))
+
+    rows = env.recipients(message_id)
+    assert rows["ok@example.test"].status == "delivered"
+    later = rows["later@example.test"]
+    assert later.status == "deferred"
+    assert later.attempts == 1
+    assert later.next_attempt_at >= before + timedelta(seconds=60)
+    assert later.last_reply is not None and later.last_reply.startswith("450 4.2.0")
+    assert rows["gone@example.test"].status == "failed"
+    assert rows["policy@example.test"].status == "failed"
+    assert env.suppressed() == {"gone@example.test"}  # 5.1.1 suppresses, 5.7.1 does not
+    failed = {e.recipient_id: e.data for e in env.events(message_id, "failed")}
+    assert failed[rows["gone@example.test"].id]["kind"] == "hard"
+    assert failed[rows["policy@example.test"].id]["kind"] == "policy"
+    assert [m.recipients for m in receiver.messages] == [("ok@example.test",)]
+
+
+def test_null_mx_fails_and_servfail_defers(env: Env) -> None:
+    null_id = env.message("x@nullmx.test")
+    broken_id = env.message("y@broken.test")
+    receiver = Receiver()
+    before = datetime.now(UTC)
+    run(deliver(env, receiver))
+
+    null = env.recipients(null_id)["x@nullmx.test"]
+    assert null.status == "failed"
+    assert env.events(null_id, "failed")[0].data["status"] == "5.1.10"
+    broken = env.recipients(broken_id)["y@broken.test"]
+    assert broken.status == "deferred"
+    assert broken.next_attempt_at >= before + timedelta(seconds=60)
+    assert env.events(broken_id, "deferred")[0].data["status"] == "4.4.3"
+    assert receiver.messages == []
+    assert env.suppressed() == set()
+
+
+def test_higher_priority_is_leased_first(env: Env) -> None:
+    earlier = datetime.now(UTC) - timedelta(minutes=5)
+    normal_id = env.message("n1@example.test", "n2@example.test", received_at=earlier)
+    urgent_id = env.message("urgent@example.test", priority=1)
+    receiver = Receiver()
+    assert run(deliver(env, receiver, lease_batch=1)) == [1]
+
+    assert env.recipients(urgent_id)["urgent@example.test"].status == "delivered"
+    assert {r.status for r in env.recipients(normal_id).values()} == {"queued"}
+    assert [m.recipients for m in receiver.messages] == [("urgent@example.test",)]
+
+
+def test_test_mode_renders_but_sends_nothing(env: Env) -> None:
+    message_id = env.message("ann@example.test", options={"test_mode": True})
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    assert env.recipients(message_id)["ann@example.test"].status == "delivered"
+    event = env.events(message_id, "delivered")[0]
+    assert event.data["test"] is True
+    assert receiver.messages == [] and receiver.sessions == 0
+
+
+def test_suppressed_address_is_not_sent(env: Env) -> None:
+    with env.db.begin() as conn:
+        suppression_store.add_suppression(
+            conn, env.account_id, "Ann@Example.test", "manual", now=datetime.now(UTC)
+        )
+    message_id = env.message("ann@example.test", "bob@example.test")
+    bypass_id = env.message("ann@example.test", options={"bypass_list_filters": True})
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    rows = env.recipients(message_id)
+    assert rows["ann@example.test"].status == "suppressed"
+    assert rows["bob@example.test"].status == "delivered"
+    assert env.recipients(bypass_id)["ann@example.test"].status == "delivered"
+    assert sorted(m.recipients for m in receiver.messages) == [
+        ("ann@example.test",),
+        ("bob@example.test",),
+    ]
+
+
+def test_template_fails_only_that_message(env: Env) -> None:
+    template_id = env.message("ann@example.test", options={"template": "welcome"})
+    plain_id = env.message("bob@example.test")
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    failed = env.recipients(template_id)["ann@example.test"]
+    assert failed.status == "failed"
+    assert failed.last_reply is not None and "templates are not stored yet" in failed.last_reply
+    assert env.recipients(plain_id)["bob@example.test"].status == "delivered"
+
+
+def test_unaligned_from_is_signed_by_the_accounts_domain(env: Env) -> None:
+    message_id = env.message("ann@example.test", header_from="news@elsewhere.test")
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    assert env.recipients(message_id)["ann@example.test"].status == "delivered"
+    assert b"d=shop.example;" in receiver.messages[0].data
+    assert dkim.verify(receiver.messages[0].data, dnsfunc=env.dkim_dns())
+
+
+def test_opportunistic_tls_is_recorded(env: Env, pki: Pki) -> None:
+    message_id = env.message("ann@example.test")
+    receiver = Receiver(tls=pki.self_signed)
+    run(deliver(env, receiver))
+
+    assert receiver.messages[0].tls
+    event = env.events(message_id, "delivered")[0]
+    assert event.data["tls"] in ("TLSv1.2", "TLSv1.3")
+    assert event.data["cipher"]
+
+
+def test_required_tls_verified_delivers(env: Env, pki: Pki) -> None:
+    message_id = env.message("ann@example.test", options={"require_tls": True})
+    receiver = Receiver(tls=pki.signed)
+    run(deliver(env, receiver, ssl_context=pki.client_context()))
+
+    assert env.recipients(message_id)["ann@example.test"].status == "delivered"
+    assert receiver.messages[0].tls
+
+
+def test_required_tls_without_starttls_defers(env: Env) -> None:
+    message_id = env.message("ann@example.test", options={"require_tls": True})
+    plain_id = env.message("bob@example.test")
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    row = env.recipients(message_id)["ann@example.test"]
+    assert row.status == "deferred"
+    assert row.last_reply is not None and "STARTTLS" in row.last_reply
+    assert env.recipients(plain_id)["bob@example.test"].status == "delivered"
+    assert [m.recipients for m in receiver.messages] == [("bob@example.test",)]
+
+
+def test_unreachable_mx_defers(env: Env) -> None:
+    message_id = env.message("ann@example.test")
+
+    async def scenario() -> None:
+        receiver = Receiver()
+        port = await receiver.start()
+        await receiver.stop()  # nothing listens on the port any more
+        worker = DeliveryWorker(env.settings(port), env.db, MASTER, connect_timeout=5)
+        await worker.run_once()
+
+    run(scenario())
+    row = env.recipients(message_id)["ann@example.test"]
+    assert row.status == "deferred"
+    assert row.last_reply is not None and "refused" in row.last_reply
+
+
+def test_expired_deferral_becomes_expired(env: Env) -> None:
+    soon = datetime.now(UTC) - timedelta(days=3) + timedelta(seconds=30)
+    message_id = env.message("later@example.test", received_at=soon)
+    receiver = Receiver(replies={"later@example.test": p.Reply(451, "4.3.0", ("Try later",))})
+    run(deliver(env, receiver))
+
+    # The next attempt would come after the expiry: expired, not deferred.
+    assert env.recipients(message_id)["later@example.test"].status == "expired"
+
+
+def test_role_start_and_stop(env: Env) -> None:
+    message_id = env.message("ann@example.test")
+
+    async def scenario() -> None:
+        receiver = Receiver()
+        port = await receiver.start()
+        worker = DeliveryWorker(env.settings(port, poll_interval=0.05), env.db, MASTER)
+        await worker.start()
+        try:
+            for _ in range(200):
+                if receiver.messages:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await worker.stop()
+            await receiver.stop()
+
+    run(scenario())
+    assert env.recipients(message_id)["ann@example.test"].status == "delivered"
+
+
+def test_lost_lease_changes_nothing(env: Env) -> None:
+    """A row reclaimed while its worker sent: the late report is fenced off."""
+    message_id = env.message("ann@example.test")
+    with env.db.begin() as conn:
+        queue.lease_due(
+            conn,
+            owner="dead:1:x",
+            now=datetime.now(UTC),
+            limit=10,
+            lease_for=timedelta(seconds=60),
+            dialect=env.db.dialect_name,
+        )
+    receiver = Receiver()
+    assert run(deliver(env, receiver)) == [0]  # leased by someone else: nothing to do
+    assert env.recipients(message_id)["ann@example.test"].status == "sending"
