@@ -190,6 +190,26 @@ class DeliverySettings(_Section):
         description="Seconds a recipient may stay undelivered before it expires "
         "(unless the message sets its own expiry)",
     )
+    shaping_rules: Path | None = Field(
+        None,
+        description="TOML file of per-destination traffic-shaping rules "
+        "(connections, messages per connection and per minute); unset: the shipped defaults",
+    )
+
+    @field_validator("shaping_rules")
+    @classmethod
+    def _valid_shaping_rules(cls, value: Path | None) -> Path | None:
+        # Parsed now so a broken rules file stops the process at start, with
+        # the rule and key named, rather than at the first delivery.
+        from postlane.delivery.shaping import load_rules
+        from postlane.errors import InvalidInput
+
+        if value is not None:
+            try:
+                load_rules(value)
+            except InvalidInput as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class HttpSettings(_Section):

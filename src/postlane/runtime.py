@@ -78,9 +78,11 @@ def build_roles(
     if "smtp" in roles:
         built.append(_smtp_role(settings, db))
     if "delivery" in roles:
+        from postlane.delivery.bounce_processor import BounceProcessor
         from postlane.delivery.worker import DeliveryWorker
 
         built.append(DeliveryWorker(settings, db, master_key))
+        built.append(BounceProcessor(settings, db, master_key))
     return built
 
 

@@ -28,8 +28,25 @@ Why every copy has its own envelope sender: the VERP address
 format, finds its recipient. That makes each copy one SMTP transaction; the
 connection is still reused and the transactions pipelined.
 
+**Traffic shaping** (:mod:`postlane.delivery.shaping`): each group's
+destination is its MX provider when a rule matches the route's MX hosts
+(``gmail``), else its domain. Before connecting, the group takes as many
+rate slots as the destination's token bucket grants now; the rows beyond that
+are deferred locally to the slots to come (``4.7.0 local rate limit for
+gmail: next slot in 12 s``) instead of waiting with their leases. The
+granted rows go out ``messages_per_connection`` per connection, at most
+``max_connections`` connections to the destination at once (waited for
+before a global ``concurrency`` slot is taken, so a busy destination never
+holds global slots idle). When a reply says the receiver throttles us, the
+shaper halves the destination's rate and the group's rows not yet sent are
+deferred locally; deliveries let the rate recover. A local deferral is our
+decision, not the receiver's refusal: its event says ``"local": true``, it
+carries no bounce ``kind``, and it waits for the next slot rather than the
+backoff schedule, and it does not count as an attempt (``queue.reschedule``).
+
 Not done here yet: MTA-STS (:mod:`postlane.delivery.mta_sts`), connection
-caching across batches, per-destination rate shaping, DSN generation.
+caching across batches, cluster-wide shaping (limits are per process), DSN
+generation.
 """
 
 from __future__ import annotations
@@ -37,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -54,7 +72,7 @@ from postlane.config import Settings
 from postlane.crypto import SecretBox, derive_key
 from postlane.delivery import verp
 from postlane.delivery.backoff import next_attempt, parse_retry_hint
-from postlane.delivery.bounce_class import classify
+from postlane.delivery.bounce_class import BounceKind, classify
 from postlane.delivery.client import (
     OutboundConnection,
     OutboundError,
@@ -66,6 +84,7 @@ from postlane.delivery.client_protocol import Reply, TransactionResult
 from postlane.delivery.compose import compose
 from postlane.delivery.resolver import Resolver
 from postlane.delivery.routing import DnsFailure, NullMx, Route
+from postlane.delivery.shaping import Shaper, load_rules
 from postlane.errors import PostlaneError
 from postlane.options.model import SendOptions
 from postlane.render.dkim import DkimKey
@@ -158,6 +177,15 @@ class _Host:
 
 
 @dataclass(slots=True)
+class _Shaped:
+    """One group's (one TLS subset's) sending to a destination, shared by its connections."""
+
+    dest: str
+    throttled: bool = False
+    unreachable: DnsFailure | OutboundError | None = None  # no connection: others do not retry
+
+
+@dataclass(slots=True)
 class _Batch:
     """Per-batch caches shared by the batch's domain groups."""
 
@@ -170,8 +198,10 @@ class DeliveryWorker:
     ``master_key`` is the installation's master secret: DKIM keys and
     attachment passwords are decrypted with a :class:`SecretBox` derived from
     it, and VERP tags are made with another key derived from it. ``clock``,
-    ``resolver`` and ``ssl_context`` (the CA store for required TLS) are for
-    tests. ``helo_name`` defaults to ``settings.hostname``.
+    ``resolver``, ``ssl_context`` (the CA store for required TLS) and
+    ``shaper`` are for tests; the shaper is otherwise built from
+    ``delivery.shaping_rules`` (the shipped rules when unset).
+    ``helo_name`` defaults to ``settings.hostname``.
     """
 
     name = "delivery"
@@ -188,6 +218,7 @@ class DeliveryWorker:
         helo_name: str | None = None,
         connect_timeout: float = 30.0,
         command_timeout: float = 300.0,
+        shaper: Shaper | None = None,
     ) -> None:
         self._settings = settings.delivery
         self._db = db
@@ -201,6 +232,7 @@ class DeliveryWorker:
         self._command_timeout = command_timeout
         self.owner = _owner_id()
         self._connections = asyncio.Semaphore(self._settings.concurrency)
+        self._shaper = shaper or Shaper(load_rules(self._settings.shaping_rules))
         self._groups: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._stopping = asyncio.Event()
@@ -513,31 +545,90 @@ class DeliveryWorker:
                 else:
                     await self._fail(job.row, route.reason, {"status": route.status})
             return
-        async with self._connections:
-            host = await self._connect(route, tls)
-            if not isinstance(host, _Host):
-                problem = host
-                for job in jobs:
-                    if problem.temporary:
-                        await self._defer(job.row, problem.reason, {"status": problem.status})
-                    else:
-                        await self._fail(job.row, problem.reason, {"status": problem.status})
+        shaped = _Shaped(self._shaper.destination(domain, route.hosts))
+        granted = self._shaper.take(shaped.dest, len(jobs))
+        if granted < len(jobs):
+            await self._defer_locally(jobs[granted:], shaped.dest, "")
+        per_connection = self._shaper.messages_per_connection(shaped.dest)
+        sending = jobs[:granted]
+        chunks = [
+            sending[start : start + per_connection]
+            for start in range(0, len(sending), per_connection)
+        ]
+        await asyncio.gather(*(self._deliver_chunk(route, tls, chunk, shaped) for chunk in chunks))
+
+    async def _deliver_chunk(
+        self, route: Route, tls: TlsPolicy, jobs: list[_Job], shaped: _Shaped
+    ) -> None:
+        """Send ``jobs`` over one connection, within the destination's connection limit."""
+        async with self._shaper.connection(shaped.dest):
+            if shaped.throttled:  # another connection of this group was told to slow down
+                await self._defer_locally(jobs, shaped.dest, " (the server throttled us)")
                 return
+            async with self._connections:
+                host = shaped.unreachable or await self._connect(route, tls)
+                if not isinstance(host, _Host):
+                    problem = shaped.unreachable = host
+                    for job in jobs:
+                        if problem.temporary:
+                            await self._defer(job.row, problem.reason, {"status": problem.status})
+                        else:
+                            await self._fail(job.row, problem.reason, {"status": problem.status})
+                    return
+                connected = host
+                try:
+                    # Each outcome is recorded as soon as its reply is in, not
+                    # after the whole connection: a worker killed mid-batch
+                    # then resends at most the copies still in flight.
+                    results = await asyncio.gather(
+                        *(self._send_and_record(connected, job) for job in jobs)
+                    )
+                finally:
+                    await host.connection.close()
+            # Decided before the connection slot is given up, so a connection
+            # waiting for it sees the flag and does not open at the old rate.
             try:
-                results = await asyncio.gather(
-                    *(self._send(host, job) for job in jobs), return_exceptions=True
-                )
-            finally:
-                await host.connection.close()
-        for job, result in zip(jobs, results, strict=True):
-            try:
-                await self._outcome(job, host, result)
-            except Exception as exc:  # a bug here must not leave the others unrecorded
-                log.exception("cannot record the outcome for recipient %d", job.row.id)
-                if isinstance(result, TransactionResult) and result.delivered:
-                    continue  # accepted remotely: never resend on our own error
+                self._adapt(shaped, jobs, results)
+            except Exception:  # shaping must never keep outcomes from being recorded
+                log.exception("traffic shaping failed for %s", shaped.dest)
+
+    async def _send_and_record(self, host: _Host, job: _Job) -> TransactionResult | BaseException:
+        result: TransactionResult | BaseException
+        try:
+            result = await self._send(host, job)
+        except Exception as exc:  # the outcome path turns it into a deferral or failure
+            result = exc
+        try:
+            await self._outcome(job, host, result)
+        except Exception as exc:  # a bug here must not leave the others unrecorded
+            log.exception("cannot record the outcome for recipient %d", job.row.id)
+            if not (isinstance(result, TransactionResult) and result.delivered):
+                # never resend something accepted remotely because of our own error
                 with contextlib.suppress(Exception):
                     await self._defer(job.row, f"internal error recording the outcome: {exc}", {})
+        return result
+
+    def _adapt(
+        self,
+        shaped: _Shaped,
+        jobs: list[_Job],
+        results: list[TransactionResult | BaseException],
+    ) -> None:
+        """Tell the shaper how the destination took this connection's mail."""
+        delivered = False
+        for job, result in zip(jobs, results, strict=True):
+            if not isinstance(result, TransactionResult):
+                continue
+            reply = result.outcome(job.row.address)
+            if reply.code < 400:
+                delivered = True
+            elif not shaped.throttled and _throttled(reply):
+                shaped.throttled = True
+                self._shaper.throttled(shaped.dest)
+                rate = self._shaper.current_rate(shaped.dest)
+                log.info("%s throttles us: rate now %.1f/min", shaped.dest, rate)
+        if delivered and not shaped.throttled:
+            self._shaper.succeeded(shaped.dest)
 
     async def _route(self, domain: str) -> Route | NullMx | DnsFailure:
         if domain.startswith("[") and domain.endswith("]"):
@@ -700,6 +791,24 @@ class DeliveryWorker:
             ),
         )
 
+    async def _defer_locally(self, jobs: list[_Job], dest: str, why: str) -> None:
+        """Defer rows the destination's rate has no slot for now, each to a slot to come.
+
+        Spread over the coming slots (the first row to the next one, the
+        second to the one after), so they do not all return at one moment and
+        get deferred again. Not a remote failure: no bounce ``kind``, no
+        backoff; a row whose slot falls after its expiry is left for the
+        sweep to expire.
+        """
+        now = self._clock()
+        for position, job in enumerate(jobs):
+            row = job.row
+            wait = max(1, math.ceil(self._shaper.next_slot(dest, position)))
+            due = min(now + timedelta(seconds=wait), max(row.expires_at, now))
+            reason = f"4.7.0 local rate limit for {dest}{why}: next slot in {wait} s"
+            data = {"local": True, "destination": dest, "status": "4.7.0", "reason": reason}
+            await self._record(row, _rescheduling(row.id, self.owner, now, due, reason, data))
+
     async def _fail(
         self, row: queue.Leased, reason: str, data: dict[str, Any], *, status: str | None = None
     ) -> None:
@@ -754,3 +863,19 @@ def _suppression_check(account_id: int, addresses: list[str]) -> Callable[[Conne
         return suppression_store.is_suppressed(conn, account_id, addresses)
 
     return check
+
+
+def _throttled(reply: Reply) -> bool:
+    """Whether a refusal says the receiver wants us to slow down (421, 4.7.x rate limits)."""
+    return classify(reply.code, reply.enhanced, reply.text).kind == BounceKind.THROTTLED
+
+
+def _rescheduling(
+    id: int, owner: str, now: datetime, due: datetime, reason: str, data: dict[str, Any]
+) -> Callable[[Connection], bool]:
+    def reschedule(conn: Connection) -> bool:
+        return queue.reschedule(
+            conn, id, owner=owner, now=now, next_attempt_at=due, reason=reason, data=data
+        )
+
+    return reschedule

@@ -307,6 +307,27 @@ def mark_deferred(
     return _finish(conn, id, owner, now, "deferred", values, "deferred", data, reply)
 
 
+def reschedule(
+    conn: Connection,
+    id: int,
+    *,
+    owner: str,
+    now: datetime,
+    next_attempt_at: datetime,
+    reason: str,
+    data: Mapping[str, Any],
+) -> bool:
+    """Our own decision to send later (a local rate limit): ``deferred`` with no attempt.
+
+    Unlike :func:`mark_deferred` nothing was tried, so the attempt count (and
+    with it the remote backoff) stays as it was. False, and nothing written,
+    if ``owner`` no longer holds the lease.
+    """
+    _aware("next_attempt_at", next_attempt_at)
+    values = {"last_reply": reason, "next_attempt_at": next_attempt_at}
+    return _finish(conn, id, owner, now, "deferred", values, "deferred", data, reason)
+
+
 def mark_failed(
     conn: Connection,
     id: int,

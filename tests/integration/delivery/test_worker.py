@@ -31,6 +31,7 @@ from dnsserver import DnsServer
 from postlane import crypto
 from postlane.config import Settings
 from postlane.delivery import verp
+from postlane.delivery.shaping import Shaper, load_rules
 from postlane.delivery.worker import VERP_KEY_PURPOSE, DeliveryWorker
 from postlane.smtp import protocol as p
 from postlane.store import Database, queue, upgrade
@@ -532,3 +533,97 @@ def test_lost_lease_changes_nothing(env: Env) -> None:
     receiver = Receiver()
     assert run(deliver(env, receiver)) == [0]  # leased by someone else: nothing to do
     assert env.recipients(message_id)["ann@example.test"].status == "sending"
+
+
+# -- traffic shaping -------------------------------------------------------------------------------
+
+SHAPING = """
+[default]
+max_connections = 2
+messages_per_connection = 50
+messages_per_minute = 600
+
+[[rule]]
+name = "testmx"
+mx = ["*.test.example"]
+max_connections = 1
+messages_per_connection = {per_connection}
+messages_per_minute = {per_minute}
+"""
+
+
+def shaping_rules(env: Env, *, per_minute: int, per_connection: int = 1) -> Path:
+    """A rules file that makes ``example.test`` (MX ``mx.test.example``) destination testmx."""
+    path = env.tmp_path / "shaping.toml"
+    path.write_text(SHAPING.format(per_minute=per_minute, per_connection=per_connection))
+    return path
+
+
+def test_rate_limit_sends_the_burst_and_defers_the_rest_locally(env: Env) -> None:
+    addresses = [f"r{n}@example.test" for n in range(5)]
+    message_id = env.message(*addresses)
+    receiver = Receiver()
+    before = datetime.now(UTC)
+    # 12/min: the bucket holds 10 s worth, 2 messages; one message per connection.
+    rules = shaping_rules(env, per_minute=12)
+    run(deliver(env, receiver, shaping_rules=rules))
+
+    rows = env.recipients(message_id)
+    delivered = [a for a in addresses if rows[a].status == "delivered"]
+    deferred = [a for a in addresses if rows[a].status == "deferred"]
+    assert len(delivered) == 2 and len(deferred) == 3
+    assert receiver.sessions == 2  # messages_per_connection = 1: a connection each
+    assert sorted(m.recipients[0] for m in receiver.messages) == sorted(delivered)
+    waits = []
+    for address in deferred:
+        row = rows[address]
+        assert row.last_reply is not None
+        assert row.last_reply.startswith("4.7.0 local rate limit for testmx: next slot in ")
+        wait = int(row.last_reply.rsplit(" ", 2)[1])
+        waits.append(wait)
+        # The slot, not the one-minute backoff floor of a remote deferral.
+        assert row.next_attempt_at <= datetime.now(UTC) + timedelta(seconds=wait + 1)
+        assert row.next_attempt_at >= before + timedelta(seconds=wait - 1)
+    assert sorted(waits) == [5, 10, 15]  # spread over the coming slots
+    events = env.events(message_id, "deferred")
+    assert len(events) == 3
+    for event in events:
+        assert event.data["local"] is True and event.data["destination"] == "testmx"
+        assert "kind" not in event.data  # not a remote failure
+
+
+def test_throttled_reply_slows_down_and_defers_the_rest_of_the_group(env: Env) -> None:
+    addresses = [f"t{n}@example.test" for n in range(3)]
+    message_id = env.message(*addresses)
+    throttle = p.Reply(421, "4.7.0", ("Rate limited, slow down",))
+    receiver = Receiver(replies=dict.fromkeys(addresses, throttle))
+    rules = shaping_rules(env, per_minute=600)
+    shaper = Shaper(load_rules(rules))
+    before = datetime.now(UTC)
+
+    async def scenario() -> None:
+        port = await receiver.start()
+        try:
+            worker = DeliveryWorker(env.settings(port), env.db, MASTER, shaper=shaper)
+            await worker.run_once()
+        finally:
+            await receiver.stop()
+
+    run(scenario())
+    assert receiver.sessions == 1  # one connection was refused; the others were not opened
+    assert receiver.messages == []
+    assert shaper.current_rate("testmx") == 300.0  # halved
+    rows = env.recipients(message_id)
+    assert {row.status for row in rows.values()} == {"deferred"}
+    remote = [row for row in rows.values() if row.last_reply and row.last_reply.startswith("421")]
+    local = [row for row in rows.values() if row not in remote]
+    assert len(remote) == 1 and len(local) == 2
+    assert remote[0].next_attempt_at >= before + timedelta(seconds=60)  # the backoff
+    for row in local:
+        assert row.last_reply is not None
+        assert row.last_reply.startswith(
+            "4.7.0 local rate limit for testmx (the server throttled us): next slot in "
+        )
+    by_row = {event.recipient_id: event.data for event in env.events(message_id, "deferred")}
+    assert by_row[remote[0].id]["kind"] == "throttled"
+    assert all(by_row[row.id]["local"] is True for row in local)

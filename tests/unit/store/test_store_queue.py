@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from postlane.errors import InvalidInput, NotFound
-from postlane.store import Account, Database, create_account
+from postlane.store import Account, Database, create_account, queue
 from postlane.store.intake import NewMessage, NewRecipient, insert_messages
 from postlane.store.queue import (
     Leased,
@@ -455,6 +455,31 @@ def test_mark_deferred_schedules_the_next_attempt(db: Database, account: Account
     assert lease(db, "w2", now=retry_at - timedelta(seconds=1)) == []
     (again,) = lease(db, "w2", now=retry_at)
     assert (again.id, again.attempts) == (rid, 1)
+
+
+def test_reschedule_defers_without_counting_an_attempt(db: Database, account: Account) -> None:
+    rid = leased_row(db, account)
+    later = T0 + MINUTE
+    reason = "4.7.0 local rate limit for gmail: next slot in 60 s"
+    with db.begin() as conn:
+        assert queue.reschedule(
+            conn,
+            rid,
+            owner="w1",
+            now=T0,
+            next_attempt_at=later,
+            reason=reason,
+            data={"local": True},
+        )
+        assert not queue.reschedule(  # the lease is gone: a second call changes nothing
+            conn, rid, owner="w1", now=T0, next_attempt_at=later, reason=reason, data={}
+        )
+    stored = row(db, rid)
+    assert (stored["status"], stored["attempts"]) == ("deferred", 0)
+    assert (stored["next_attempt_at"], stored["last_reply"]) == (later, reason)
+    assert queue_events(db, rid)[-1][0] == "deferred"
+    (again,) = lease(db, "w2", now=later)
+    assert (again.id, again.attempts) == (rid, 0)
 
 
 def test_mark_failed_and_bounced(db: Database, account: Account) -> None:
