@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,53 +14,7 @@ import sqlalchemy as sa
 from postlane import cli, crypto
 from postlane.store import Database
 from postlane.store.schema import smtp_users
-
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def run(
-    database_url: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> Run:
-    for key in list(os.environ):
-        if key.startswith("POSTLANE_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("POSTLANE_DATABASE_URL", database_url)
-    monkeypatch.setenv("POSTLANE_DATA_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("POSTLANE_HOSTNAME", "mail.postlane.test")
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["postlane", *args])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    if database_url.startswith("postgresql"):
-        assert invoke("db", "upgrade")[0] == 0
-    return invoke
-
-
-def ok(result: tuple[int, str, str]) -> str:
-    code, out, err = result
-    assert code == 0, err
-    return out
-
-
-def fails(result: tuple[int, str, str], message: str) -> None:
-    code, out, err = result
-    assert code != 0
-    assert message in err
-    assert "Traceback" not in err + out
-    assert len(err.strip().splitlines()) == 1, err
+from unit.cli_runner import Run, fails, ok
 
 
 def _password(out: str) -> str:

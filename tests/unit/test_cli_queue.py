@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -17,53 +14,7 @@ from postlane.store import Database
 from postlane.store import accounts as account_store
 from postlane.store.intake import NewMessage, NewRecipient, insert_messages
 from postlane.store.schema import events, recipients
-
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def run(
-    database_url: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> Run:
-    for key in list(os.environ):
-        if key.startswith("POSTLANE_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("POSTLANE_DATABASE_URL", database_url)
-    monkeypatch.setenv("POSTLANE_DATA_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("POSTLANE_HOSTNAME", "mail.postlane.test")
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["postlane", *args])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    if database_url.startswith("postgresql"):
-        assert invoke("db", "upgrade")[0] == 0
-    return invoke
-
-
-def ok(result: tuple[int, str, str]) -> str:
-    code, out, err = result
-    assert code == 0, err
-    return out
-
-
-def fails(result: tuple[int, str, str], message: str) -> None:
-    code, out, err = result
-    assert code == 1
-    assert message in err
-    assert "Traceback" not in err + out
-    assert len(err.strip().splitlines()) == 1, err
+from unit.cli_runner import Run, fails, ok
 
 
 def enqueue(database_url: str, account: str, queue_id: str, *addresses: str) -> list[int]:

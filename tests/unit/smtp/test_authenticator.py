@@ -10,7 +10,7 @@ cost, so those tests are the slow ones.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -28,7 +28,6 @@ from postlane.store import (
     set_password_hash,
     update_account,
     update_smtp_user,
-    upgrade,
 )
 from postlane.tenants.directory import TenantDirectory
 
@@ -42,16 +41,6 @@ MAX_FAILURES = 3
 @pytest.fixture(scope="module")
 def hashes() -> dict[str, str]:
     return {PASSWORD: _CHEAP.hash(PASSWORD), NEW_PASSWORD: _CHEAP.hash(NEW_PASSWORD)}
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database.from_url(database_url)
-    upgrade(database)
-    try:
-        yield database
-    finally:
-        database.dispose()
 
 
 @dataclass
