@@ -146,6 +146,97 @@ class AuthSettings(_Section):
     failure_window: float = Field(300.0, gt=0, description="Seconds over which failures count")
 
 
+OutboundTls = Literal["opportunistic", "required", "none"]
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_host(value: str, key: str) -> str:
+    """A host name or IP address (brackets allowed) for a relay, lower-cased.
+
+    Checked at start-up so a typo stops Postlane with the key named, instead
+    of deferring every message for the domain until someone reads the log.
+    """
+    host = value.strip().rstrip(".").lower()
+    if _is_ip(host.removeprefix("[").removesuffix("]")):
+        return host.removeprefix("[").removesuffix("]")
+    labels = host.split(".")
+    if not host or len(host) > 253 or any(not label or len(label) > 63 for label in labels):
+        raise ValueError(f"{key} {value!r} is not a host name or an IP address")
+    if any(c.isspace() or c in "/:@[]" for c in host):
+        raise ValueError(f"{key} {value!r} is not a host name or an IP address")
+    return host
+
+
+class TransportSettings(_Section):
+    """Where one recipient domain's mail goes instead of its MX hosts.
+
+    Why: mail for a partner or an internal domain often has to go through a
+    fixed gateway (a VPN, a split-horizon relay) that public MX records do
+    not name.
+    """
+
+    domain: str = Field(
+        description="Recipient domain: exact ('example.com') or any subdomain ('*.example.com')"
+    )
+    host: str = Field(description="Host name or IP address to send to; no MX lookup")
+    port: int = Field(25, ge=1, le=65535, description="TCP port of host")
+    tls: OutboundTls = Field(
+        "opportunistic",
+        description="'opportunistic' (STARTTLS if offered), 'required' (certificate "
+        "valid for host) or 'none'",
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _valid_domain(cls, value: str) -> str:
+        pattern = value.strip().rstrip(".").lower()
+        name = pattern.removeprefix("*.")
+        if "*" in name or not name:
+            raise ValueError(f"domain {value!r} is not a domain or '*.' followed by one")
+        try:
+            name = name if name.isascii() else name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"domain {value!r} is not a valid domain name") from None
+        # An IP address is refused: address literals are not recipient domains here.
+        if _check_host(name, "domain") != name or _is_ip(name):
+            raise ValueError(f"domain {value!r} is not a domain name")
+        return f"*.{name}" if pattern.startswith("*.") else name
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, value: str) -> str:
+        return _check_host(value, "host")
+
+
+class SmarthostSettings(_Section):
+    """The relay every domain without a transport goes through.
+
+    No ``username``/``password``: the outbound client cannot AUTH yet, so a
+    relay that demands it cannot be used; accepting credentials that are
+    never sent would hide that.
+    """
+
+    host: str = Field(description="Host name or IP address of the relay; no MX lookup")
+    port: int = Field(25, ge=1, le=65535, description="TCP port of the relay")
+    tls: OutboundTls = Field(
+        "opportunistic",
+        description="'opportunistic' (STARTTLS if offered), 'required' (certificate "
+        "valid for host) or 'none'",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, value: str) -> str:
+        return _check_host(value, "host")
+
+
 class DeliverySettings(_Section):
     """The outbound queue."""
 
@@ -195,6 +286,32 @@ class DeliverySettings(_Section):
         description="TOML file of per-destination traffic-shaping rules "
         "(connections, messages per connection and per minute); unset: the shipped defaults",
     )
+
+    mta_sts: bool = Field(
+        True,
+        description="Apply recipient domains' MTA-STS policies (RFC 8461) to MX delivery",
+    )
+    transports: list[TransportSettings] = Field(
+        default_factory=list,
+        description="Per-domain routes that replace the MX lookup ([[delivery.transports]])",
+    )
+    smarthost: SmarthostSettings | None = Field(
+        None,
+        description="Relay for every domain without a transport ([delivery.smarthost]); "
+        "unset: MX delivery",
+    )
+
+    @field_validator("transports")
+    @classmethod
+    def _unique_transports(cls, value: list[TransportSettings]) -> list[TransportSettings]:
+        # Two entries for one domain would make the route depend on list
+        # order, which an operator editing the file would not expect.
+        seen: set[str] = set()
+        for entry in value:
+            if entry.domain in seen:
+                raise ValueError(f"domain {entry.domain!r} has more than one transport")
+            seen.add(entry.domain)
+        return value
 
     @field_validator("shaping_rules")
     @classmethod
@@ -405,8 +522,11 @@ def _commented(model: type[BaseModel], defaults: dict[str, Any], prefix: str) ->
                 later += ["", f"# {info.description}", f"# [[{prefix}{key}]]"]
                 later += _commented(ListenerSettings, listener, f"{prefix}{key}.")
         else:
-            shown = _toml_value(value) if value is not None else '""'
-            lines += [f"# {info.description}", f"# {key} = {shown}"]
+            lines.append(f"# {info.description}")
+            if value is None:  # no value to show: say so rather than print a wrong one
+                lines.append(f"# {key} = ...  (unset by default; see docs/configuration.md)")
+            else:
+                lines.append(f"# {key} = {_toml_value(value)}")
     return lines + later
 
 

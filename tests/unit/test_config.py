@@ -136,3 +136,80 @@ def test_every_key_is_documented() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     missing = [key for key in _keys(config.Settings) if f"`{key}`" not in doc]
     assert not missing, f"docs/configuration.md lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[delivery]\nmta_sts = 'sometimes'\n", "'delivery.mta_sts' = 'sometimes'"),
+        (
+            "[[delivery.transports]]\ndomain = 'a.test'\nhost = 'gw.test'\nport = 0\n",
+            "'delivery.transports.0.port' = 0: Input should be greater",
+        ),
+        (
+            "[[delivery.transports]]\ndomain = 'a.test'\nhost = 'gw.test'\ntls = 'maybe'\n",
+            "'delivery.transports.0.tls' = 'maybe'",
+        ),
+        (
+            "[[delivery.transports]]\ndomain = 'a..test'\nhost = 'gw.test'\n",
+            "'delivery.transports.0.domain' = 'a..test'",
+        ),
+        (
+            "[[delivery.transports]]\ndomain = 'mail.*.test'\nhost = 'gw.test'\n",
+            "'delivery.transports.0.domain' = 'mail.*.test': domain 'mail.*.test' is not",
+        ),
+        (
+            "[[delivery.transports]]\ndomain = 'a.test'\nhost = 'gw test:25'\n",
+            "'delivery.transports.0.host' = 'gw test:25': host 'gw test:25' is not",
+        ),
+        (
+            "[[delivery.transports]]\nhost = 'gw.test'\n",
+            "'delivery.transports.0.domain' is required",
+        ),
+        (
+            "[[delivery.transports]]\ndomain = 'a.test'\nhost = 'x'\n"
+            "[[delivery.transports]]\ndomain = 'A.test.'\nhost = 'y'\n",
+            "domain 'a.test' has more than one transport",
+        ),
+        (
+            "[[delivery.transports]]\ndomain = '10.0.0.1'\nhost = 'gw.test'\n",
+            "'delivery.transports.0.domain' = '10.0.0.1': domain '10.0.0.1' is not a domain",
+        ),
+        ("[delivery.smarthost]\nport = 587\n", "'delivery.smarthost.host' is required"),
+        (
+            "[delivery.smarthost]\nhost = 'relay.test'\nport = 70000\n",
+            "'delivery.smarthost.port' = 70000",
+        ),
+        (
+            "[delivery.smarthost]\nhost = 'relay.test'\ntls = 'starttls'\n",
+            "'delivery.smarthost.tls' = 'starttls'",
+        ),
+        (
+            "[delivery.smarthost]\nhost = 'relay.test'\nusername = 'u'\npassword = 'p'\n",
+            "unknown setting 'delivery.smarthost.username'",  # no outbound AUTH yet
+        ),
+    ],
+)
+def test_bad_delivery_routes_name_key_and_value(tmp_path: Path, toml: str, expected: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        config.load_settings(path)
+    assert expected in str(info.value)
+
+
+def test_delivery_routes_are_normalised(tmp_path: Path) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text(
+        "[[delivery.transports]]\ndomain = '*.Corp.TEST.'\nhost = '[10.0.0.1]'\n"
+        "[[delivery.transports]]\ndomain = 'bücher.test'\nhost = 'GW.test'\ntls = 'none'\n"
+        "[delivery.smarthost]\nhost = 'relay.test'\nport = 587\ntls = 'required'\n"
+    )
+    delivery = config.load_settings(path).delivery
+    assert [(t.domain, t.host, t.port, t.tls) for t in delivery.transports] == [
+        ("*.corp.test", "10.0.0.1", 25, "opportunistic"),
+        ("xn--bcher-kva.test", "gw.test", 25, "none"),
+    ]
+    assert delivery.smarthost is not None
+    assert (delivery.smarthost.host, delivery.smarthost.port) == ("relay.test", 587)
+    assert delivery.mta_sts is True

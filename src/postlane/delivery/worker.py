@@ -44,15 +44,36 @@ decision, not the receiver's refusal: its event says ``"local": true``, it
 carries no bounce ``kind``, and it waits for the next slot rather than the
 backoff schedule, and it does not count as an attempt (``queue.reschedule``).
 
-Not done here yet: MTA-STS (:mod:`postlane.delivery.mta_sts`), connection
-caching across batches, cluster-wide shaping (limits are per process), DSN
-generation.
+**Where mail goes**: a ``[[delivery.transports]]`` entry matching the
+recipient domain (exact first, then the longest ``*.`` suffix), else the
+``[delivery.smarthost]``, else the domain's MX hosts. A transport or smarthost
+names one host and port and bypasses the MX lookup: the host is resolved for
+its addresses, or used as given when it is an IP address. Its ``tls`` replaces
+the opportunistic default, but a message that requires TLS is never sent with
+less than ``required``.
+
+**MTA-STS** (RFC 8461, :mod:`postlane.delivery.mta_sts`, ``delivery.mta_sts``)
+applies to MX delivery only: a policy names the MX hosts a domain allows, and
+a relay chosen by the operator is none of those. Under ``enforce`` only the
+allowed MX hosts are tried, with TLS required and the certificate verified
+for the MX name; with none allowed the rows are deferred (``4.7.5``), never
+bounced, since a fixed policy or DNS must get its chance (§5.1). Under
+``testing`` delivery goes on as usual and the disallowed hosts are recorded
+in the event (``mta_sts_violations``). Every event of a sent copy records the
+mode applied (``mta_sts``; None without a policy). A policy lookup that fails
+without a cached policy means "no policy", as the RFC says.
+
+Not done here yet: TLS checks and reports under MTA-STS ``testing`` (only the
+MX violations are recorded), AUTH to a smarthost (the client has none),
+connection caching across batches, cluster-wide shaping (limits are per
+process), DSN generation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -68,7 +89,7 @@ from typing import Any, Final, TypeVar
 from publicsuffixlist import PublicSuffixList
 from sqlalchemy.engine import Connection
 
-from postlane.config import Settings
+from postlane.config import Settings, SmarthostSettings, TransportSettings
 from postlane.crypto import SecretBox, derive_key
 from postlane.delivery import verp
 from postlane.delivery.backoff import next_attempt, parse_retry_hint
@@ -82,7 +103,8 @@ from postlane.delivery.client import (
 )
 from postlane.delivery.client_protocol import Reply, TransactionResult
 from postlane.delivery.compose import compose
-from postlane.delivery.resolver import Resolver
+from postlane.delivery.mta_sts import MtaStsCache, StsResult, enforce
+from postlane.delivery.resolver import Resolver, to_ascii
 from postlane.delivery.routing import DnsFailure, NullMx, Route
 from postlane.delivery.shaping import Shaper, load_rules
 from postlane.errors import PostlaneError
@@ -108,6 +130,7 @@ STOP_GRACE: Final = 30.0  # seconds stop() lets in-flight groups finish
 _COUNT_CACHE: Final = 1024  # messages whose recipient count is remembered
 _NO_DOMAIN: Final = "account has no sending domain"
 _SUPPRESSED: Final = "address is on the account's suppression list"
+_STS_STATUS: Final = "4.7.5"  # RFC 3463: cryptographic failure (no host the policy allows)
 _PSL = PublicSuffixList()
 
 _T = TypeVar("_T")
@@ -176,6 +199,28 @@ class _Host:
         return cls(connection, mx, details)
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A group's route and how to reach it: port, TLS floor, and what to record.
+
+    ``relay`` is True for a transport, the smarthost or a domain literal: its
+    host is not an MX the domain published, so MTA-STS does not apply.
+    ``details`` go into every event of a copy sent (or not) over it.
+    """
+
+    route: Route
+    port: int
+    tls: TlsPolicy | None = None  # None: the group's own policy
+    relay: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def tls_for(self, group: TlsPolicy) -> TlsPolicy:
+        """The policy to connect with: the target's, but never below a message's ``required``."""
+        if group == "required" or self.tls is None:
+            return group
+        return self.tls
+
+
 @dataclass(slots=True)
 class _Shaped:
     """One group's (one TLS subset's) sending to a destination, shared by its connections."""
@@ -198,9 +243,12 @@ class DeliveryWorker:
     ``master_key`` is the installation's master secret: DKIM keys and
     attachment passwords are decrypted with a :class:`SecretBox` derived from
     it, and VERP tags are made with another key derived from it. ``clock``,
-    ``resolver``, ``ssl_context`` (the CA store for required TLS) and
-    ``shaper`` are for tests; the shaper is otherwise built from
-    ``delivery.shaping_rules`` (the shipped rules when unset).
+    ``resolver``, ``ssl_context`` (the CA store for required TLS),
+    ``shaper`` and ``mta_sts`` are for tests; the shaper is otherwise built
+    from ``delivery.shaping_rules`` (the shipped rules when unset), and the
+    MTA-STS cache from the worker's resolver, so policies are discovered
+    through the same nameservers as the MX hosts. ``delivery.mta_sts =
+    false`` turns MTA-STS off, an injected cache included.
     ``helo_name`` defaults to ``settings.hostname``.
     """
 
@@ -219,6 +267,7 @@ class DeliveryWorker:
         connect_timeout: float = 30.0,
         command_timeout: float = 300.0,
         shaper: Shaper | None = None,
+        mta_sts: MtaStsCache | None = None,
     ) -> None:
         self._settings = settings.delivery
         self._db = db
@@ -233,6 +282,10 @@ class DeliveryWorker:
         self.owner = _owner_id()
         self._connections = asyncio.Semaphore(self._settings.concurrency)
         self._shaper = shaper or Shaper(load_rules(self._settings.shaping_rules))
+        self._mta_sts: MtaStsCache | None = None
+        if self._settings.mta_sts:
+            self._mta_sts = mta_sts or MtaStsCache(self._resolver)
+        self._transports = _transport_table(self._settings.transports)
         self._groups: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._stopping = asyncio.Event()
@@ -531,20 +584,30 @@ class DeliveryWorker:
     # -- sending ----------------------------------------------------------------------------
 
     async def _deliver(self, domain: str, jobs: list[_Job], tls: TlsPolicy) -> None:
-        route = await self._route(domain)
-        if isinstance(route, NullMx):
+        target = await self._target(domain)
+        if isinstance(target, NullMx):
             for job in jobs:
                 await self._fail(
-                    job.row, route.reason, {"status": route.status}, status=route.status
+                    job.row, target.reason, {"status": target.status}, status=target.status
                 )
             return
-        if isinstance(route, DnsFailure):
+        if isinstance(target, DnsFailure):
             for job in jobs:
-                if route.temporary:
-                    await self._defer(job.row, route.reason, {"status": route.status})
+                if target.temporary:
+                    await self._defer(job.row, target.reason, {"status": target.status})
                 else:
-                    await self._fail(job.row, route.reason, {"status": route.status})
+                    await self._fail(job.row, target.reason, {"status": target.status})
             return
+        if not target.relay:
+            sts = await self._sts(domain, target.route)
+            if sts is not None and sts.reason is not None:
+                log.warning("MTA-STS: deferring mail for %s: %s", domain, sts.reason)
+                data = {"status": _STS_STATUS, "mta_sts": sts.mode}
+                for job in jobs:
+                    await self._defer(job.row, f"{_STS_STATUS} {sts.reason}", data)
+                return
+            target = _apply_sts(target, sts)
+        route = target.route
         shaped = _Shaped(self._shaper.destination(domain, route.hosts))
         granted = self._shaper.take(shaped.dest, len(jobs))
         if granted < len(jobs):
@@ -555,10 +618,13 @@ class DeliveryWorker:
             sending[start : start + per_connection]
             for start in range(0, len(sending), per_connection)
         ]
-        await asyncio.gather(*(self._deliver_chunk(route, tls, chunk, shaped) for chunk in chunks))
+        policy = target.tls_for(tls)
+        await asyncio.gather(
+            *(self._deliver_chunk(target, policy, chunk, shaped) for chunk in chunks)
+        )
 
     async def _deliver_chunk(
-        self, route: Route, tls: TlsPolicy, jobs: list[_Job], shaped: _Shaped
+        self, target: _Target, tls: TlsPolicy, jobs: list[_Job], shaped: _Shaped
     ) -> None:
         """Send ``jobs`` over one connection, within the destination's connection limit."""
         async with self._shaper.connection(shaped.dest):
@@ -566,14 +632,15 @@ class DeliveryWorker:
                 await self._defer_locally(jobs, shaped.dest, " (the server throttled us)")
                 return
             async with self._connections:
-                host = shaped.unreachable or await self._connect(route, tls)
+                host = shaped.unreachable or await self._connect(target, tls)
                 if not isinstance(host, _Host):
                     problem = shaped.unreachable = host
+                    data = {**target.details, "status": problem.status}
                     for job in jobs:
                         if problem.temporary:
-                            await self._defer(job.row, problem.reason, {"status": problem.status})
+                            await self._defer(job.row, problem.reason, data)
                         else:
-                            await self._fail(job.row, problem.reason, {"status": problem.status})
+                            await self._fail(job.row, problem.reason, data)
                     return
                 connected = host
                 try:
@@ -630,6 +697,42 @@ class DeliveryWorker:
         if delivered and not shaped.throttled:
             self._shaper.succeeded(shaped.dest)
 
+    async def _target(self, domain: str) -> _Target | NullMx | DnsFailure:
+        """Where ``domain``'s mail goes: its transport, else the smarthost, else its MX hosts."""
+        relay = self._relay(domain)
+        if relay is not None:
+            label, entry = relay
+            route = Route(domain=domain, hosts=(entry.host,))
+            return _Target(route, entry.port, entry.tls, relay=True, details={"transport": label})
+        found = await self._route(domain)
+        if not isinstance(found, Route):
+            return found
+        # A domain literal's "host" is an address the sender chose, not an MX:
+        # no MTA-STS policy can name it.
+        return _Target(found, self._settings.mx_port, relay=domain.startswith("["))
+
+    def _relay(self, domain: str) -> tuple[str, TransportSettings | SmarthostSettings] | None:
+        """The transport (exact domain, then the longest ``*.`` suffix) or smarthost, with a label.
+
+        The label (the transport's ``domain`` pattern, or ``smarthost``) goes
+        into the events, so a delivery shows which configured route it took.
+        """
+        try:
+            name = to_ascii(domain)
+        except UnicodeError:
+            name = domain.lower()
+        entry = self._transports.get(name)
+        if entry is not None:
+            return entry.domain, entry
+        labels = name.split(".")
+        for start in range(1, len(labels)):
+            entry = self._transports.get("*." + ".".join(labels[start:]))
+            if entry is not None:
+                return entry.domain, entry
+        if self._settings.smarthost is not None:
+            return "smarthost", self._settings.smarthost
+        return None
+
     async def _route(self, domain: str) -> Route | NullMx | DnsFailure:
         if domain.startswith("[") and domain.endswith("]"):
             literal = domain[1:-1].removeprefix("ipv6:").removeprefix("IPv6:")
@@ -640,18 +743,43 @@ class DeliveryWorker:
             log.exception("route lookup for %s failed", domain)
             return DnsFailure(temporary=True, reason=f"DNS lookup failed: {exc}", status="4.4.3")
 
-    async def _connect(self, route: Route, tls: TlsPolicy) -> _Host | DnsFailure | OutboundError:
-        """A connection to the first MX host and address that answers, or the last problem.
+    async def _sts(self, domain: str, route: Route) -> StsResult | None:
+        """What ``domain``'s MTA-STS policy makes of ``route``; None when MTA-STS is off.
+
+        A failure inside the cache (a bug: it handles DNS and HTTPS trouble
+        itself) counts as "no policy", like a failed fetch without a cached
+        policy, rather than holding the domain's mail forever.
+        """
+        if self._mta_sts is None:
+            return None
+        try:
+            policy = await self._mta_sts.policy(domain)
+        except Exception:
+            log.exception("MTA-STS policy lookup for %s failed", domain)
+            policy = None
+        result = enforce(policy, route.hosts)
+        if result.violations and result.mode == "testing":
+            log.warning(
+                "MTA-STS (testing): %s MX hosts not allowed by its policy: %s",
+                domain,
+                ", ".join(result.violations),
+            )
+        return result
+
+    async def _connect(self, target: _Target, tls: TlsPolicy) -> _Host | DnsFailure | OutboundError:
+        """A connection to the first host and address that answers, or the last problem.
 
         The problem is permanent only when every host had a permanent DNS
-        failure (none exists or has an address); any connection trouble or
-        temporary DNS failure makes it temporary.
+        failure (none exists or has an address) and they were the domain's
+        own; any connection trouble or temporary DNS failure makes it
+        temporary.
         """
+        route = target.route
         problem: DnsFailure | OutboundError | None = None
         temporary = False
         for mx in route.hosts:
             addresses: list[str] | DnsFailure
-            if route.implicit and route.domain.startswith("["):
+            if _is_address(mx):  # a domain literal, or a transport given as an address
                 addresses = [mx]
             else:
                 addresses = await self._resolver.addresses(mx)
@@ -660,19 +788,25 @@ class DeliveryWorker:
                 continue
             for address in addresses:
                 try:
-                    connection = await self._open(address, mx, tls)
+                    connection = await self._open(address, mx, tls, target.port)
                 except OutboundError as exc:
                     log.info("delivery to %s [%s] failed: %s", mx, address, exc.reason)
                     problem, temporary = exc, True
                     continue
-                return _Host.of(connection, mx)
+                host = _Host.of(connection, mx)
+                host.details.update(target.details)
+                return host
         if problem is None:
             problem = DnsFailure(temporary=True, reason=f"{route.domain}: no hosts", status="4.4.4")
         if isinstance(problem, DnsFailure) and temporary and not problem.temporary:
             problem = DnsFailure(temporary=True, reason=problem.reason, status="4.4.4")
+        if isinstance(problem, DnsFailure) and target.relay and not problem.temporary:
+            # A relay the operator configured that has no address is a
+            # configuration mistake to fix, not a reason to bounce the mail.
+            problem = DnsFailure(temporary=True, reason=problem.reason, status="4.4.4")
         return problem
 
-    async def _open(self, address: str, mx: str, tls: TlsPolicy) -> OutboundConnection:
+    async def _open(self, address: str, mx: str, tls: TlsPolicy, port: int) -> OutboundConnection:
         """Connect; an opportunistic TLS handshake that fails is retried once in plaintext.
 
         That is Postfix's ``may`` level: unverified TLS only protects against
@@ -684,7 +818,7 @@ class DeliveryWorker:
         async def attempt(policy: TlsPolicy) -> OutboundConnection:
             return await connect(
                 address,
-                self._settings.mx_port,
+                port,
                 helo_name=self._helo,
                 tls=policy,
                 server_hostname=mx,
@@ -856,6 +990,41 @@ def _organisational(domain: str) -> str | None:
         return None
     result: str | None = _PSL.privatesuffix(ascii_name)
     return result
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _transport_table(entries: Sequence[TransportSettings]) -> dict[str, TransportSettings]:
+    """Transports by their ``domain`` pattern (already lower-case A-labels, checked unique)."""
+    return {entry.domain: entry for entry in entries}
+
+
+def _apply_sts(target: _Target, sts: StsResult | None) -> _Target:
+    """``target`` limited to the hosts the policy allows, with its TLS demand and the event facts.
+
+    ``enforce`` makes TLS ``required``: :func:`connect` then verifies the
+    certificate for the MX name, and a host failing that is skipped, never
+    used in plain text (RFC 8461 §4.2).
+    """
+    if sts is None:
+        return target
+    details: dict[str, Any] = {**target.details, "mta_sts": sts.mode}
+    if sts.mode == "testing" and sts.violations:
+        details["mta_sts_violations"] = list(sts.violations)
+    route = Route(
+        domain=target.route.domain,
+        hosts=sts.hosts,
+        implicit=target.route.implicit,
+        ignored=target.route.ignored,
+    )
+    tls: TlsPolicy | None = "required" if sts.require_tls else target.tls
+    return _Target(route, target.port, tls, relay=target.relay, details=details)
 
 
 def _suppression_check(account_id: int, addresses: list[str]) -> Callable[[Connection], set[str]]:

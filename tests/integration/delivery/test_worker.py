@@ -31,6 +31,8 @@ from dnsserver import DnsServer
 from postlane import crypto
 from postlane.config import Settings
 from postlane.delivery import verp
+from postlane.delivery.mta_sts import MtaStsCache
+from postlane.delivery.resolver import Resolver
 from postlane.delivery.shaping import Shaper, load_rules
 from postlane.delivery.worker import VERP_KEY_PURPOSE, DeliveryWorker
 from postlane.smtp import protocol as p
@@ -627,3 +629,269 @@ def test_throttled_reply_slows_down_and_defers_the_rest_of_the_group(env: Env) -
     by_row = {event.recipient_id: event.data for event in env.events(message_id, "deferred")}
     assert by_row[remote[0].id]["kind"] == "throttled"
     assert all(by_row[row.id]["local"] is True for row in local)
+
+
+# -- MTA-STS --------------------------------------------------------------------------------------
+
+STS_DOMAIN = "sts.test"  # MX mx.test.example, and an _mta-sts record
+
+
+def sts_policy(mode: str, mx: str) -> str:
+    return f"version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: 86400\n"
+
+
+async def deliver_with_sts(
+    env: Env,
+    receiver: Receiver,
+    policy: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> list[str]:
+    """Deliver with ``policy`` published for ``sts.test``; the domains whose policy was fetched.
+
+    The policy is served by an injected fetch (the HTTPS side is tested in
+    ``tests/unit/delivery/test_mta_sts.py``); the TXT record and MX come from
+    the test DNS server, through the worker's own resolver.
+    """
+    fetched: list[str] = []
+
+    async def fetch(domain: str) -> str:
+        fetched.append(domain)
+        return policy
+
+    env.dns.set(STS_DOMAIN, "MX", ["10 " + MX_NAME])
+    env.dns.set(f"_mta-sts.{STS_DOMAIN}", "TXT", ["v=STSv1; id=20260101"])
+    port = await receiver.start()
+    try:
+        resolver = Resolver([env.dns.nameserver])
+        worker = DeliveryWorker(
+            env.settings(port),
+            env.db,
+            MASTER,
+            resolver=resolver,
+            ssl_context=ssl_context,
+            mta_sts=MtaStsCache(resolver, fetch=fetch),
+        )
+        await worker.run_once()
+    finally:
+        await receiver.stop()
+        env.dns.delete(STS_DOMAIN, "MX")
+        env.dns.delete(f"_mta-sts.{STS_DOMAIN}", "TXT")
+    return fetched
+
+
+def test_mta_sts_enforce_with_a_matching_mx_requires_verified_tls(env: Env, pki: Pki) -> None:
+    message_id = env.message(f"ann@{STS_DOMAIN}")
+    receiver = Receiver(tls=pki.signed)
+    policy = sts_policy("enforce", "*.test.example")
+    fetched = run(deliver_with_sts(env, receiver, policy, ssl_context=pki.client_context()))
+
+    assert fetched == [STS_DOMAIN]
+    assert env.recipients(message_id)[f"ann@{STS_DOMAIN}"].status == "delivered"
+    assert receiver.messages[0].tls
+    event = env.events(message_id, "delivered")[0]
+    assert event.data["mta_sts"] == "enforce"
+    assert event.data["mx"] == MX_NAME
+    assert event.data["tls"] in ("TLSv1.2", "TLSv1.3")
+
+
+def test_mta_sts_enforce_never_sends_without_a_valid_certificate(env: Env, pki: Pki) -> None:
+    """The same policy, but the MX's certificate is self-signed: deferred, not sent in clear."""
+    message_id = env.message(f"ann@{STS_DOMAIN}")
+    receiver = Receiver(tls=pki.self_signed)
+    run(
+        deliver_with_sts(
+            env, receiver, sts_policy("enforce", MX_NAME), ssl_context=pki.client_context()
+        )
+    )
+
+    row = env.recipients(message_id)[f"ann@{STS_DOMAIN}"]
+    assert row.status == "deferred"
+    assert receiver.messages == []
+
+
+def test_mta_sts_enforce_without_a_matching_mx_defers_with_the_reason(env: Env) -> None:
+    message_id = env.message(f"ann@{STS_DOMAIN}")
+    receiver = Receiver()
+    before = datetime.now(UTC)
+    run(deliver_with_sts(env, receiver, sts_policy("enforce", "mx.elsewhere.example")))
+
+    row = env.recipients(message_id)[f"ann@{STS_DOMAIN}"]
+    assert row.status == "deferred"  # never bounced: the policy or DNS may be fixed
+    assert row.next_attempt_at >= before + timedelta(seconds=60)
+    assert row.last_reply is not None
+    assert "no MX host is allowed by the domain's MTA-STS policy" in row.last_reply
+    assert MX_NAME in row.last_reply
+    event = env.events(message_id, "deferred")[0]
+    assert event.data["status"] == "4.7.5"
+    assert event.data["mta_sts"] == "enforce"
+    assert receiver.sessions == 0  # the disallowed MX was not even contacted
+
+
+def test_mta_sts_testing_delivers_and_records_the_violation(env: Env) -> None:
+    message_id = env.message(f"ann@{STS_DOMAIN}")
+    receiver = Receiver()  # no STARTTLS either: testing does not require it
+    run(deliver_with_sts(env, receiver, sts_policy("testing", "mx.elsewhere.example")))
+
+    assert env.recipients(message_id)[f"ann@{STS_DOMAIN}"].status == "delivered"
+    assert [m.recipients for m in receiver.messages] == [(f"ann@{STS_DOMAIN}",)]
+    event = env.events(message_id, "delivered")[0]
+    assert event.data["mta_sts"] == "testing"
+    assert event.data["mta_sts_violations"] == [MX_NAME]
+
+
+def test_no_mta_sts_policy_records_none(env: Env) -> None:
+    message_id = env.message("ann@example.test")
+    run(deliver(env, Receiver()))
+    assert env.events(message_id, "delivered")[0].data["mta_sts"] is None
+
+
+def test_mta_sts_off_ignores_the_policy(env: Env) -> None:
+    message_id = env.message(f"ann@{STS_DOMAIN}")
+
+    async def scenario() -> list[str]:
+        fetched: list[str] = []
+
+        async def fetch(domain: str) -> str:
+            fetched.append(domain)
+            return sts_policy("enforce", "mx.elsewhere.example")
+
+        env.dns.set(STS_DOMAIN, "MX", ["10 " + MX_NAME])
+        env.dns.set(f"_mta-sts.{STS_DOMAIN}", "TXT", ["v=STSv1; id=1"])
+        receiver = Receiver()
+        port = await receiver.start()
+        try:
+            resolver = Resolver([env.dns.nameserver])
+            worker = DeliveryWorker(
+                env.settings(port, mta_sts=False),
+                env.db,
+                MASTER,
+                resolver=resolver,
+                mta_sts=MtaStsCache(resolver, fetch=fetch),
+            )
+            await worker.run_once()
+        finally:
+            await receiver.stop()
+            env.dns.delete(STS_DOMAIN, "MX")
+            env.dns.delete(f"_mta-sts.{STS_DOMAIN}", "TXT")
+        return fetched
+
+    assert run(scenario()) == []
+    assert env.recipients(message_id)[f"ann@{STS_DOMAIN}"].status == "delivered"
+
+
+# -- transports and the smarthost ----------------------------------------------------------------
+
+CLOSED_PORT = 9  # mx_port in these tests: MX delivery would fail, so success proves the route
+
+
+async def deliver_via(
+    env: Env, receivers: list[Receiver], make: Callable[[list[int]], Any]
+) -> None:
+    """Start ``receivers``; ``make(ports)`` gives the delivery settings; run the worker once."""
+    ports = [await receiver.start() for receiver in receivers]
+    try:
+        settings = env.settings(CLOSED_PORT, **make(ports))
+        worker = DeliveryWorker(settings, env.db, MASTER, connect_timeout=5)
+        await worker.run_once()
+    finally:
+        for receiver in receivers:
+            await receiver.stop()
+
+
+def test_a_transport_sends_a_domain_without_mx_to_its_host_and_port(env: Env) -> None:
+    message_id = env.message("ann@nomx.test", "bob@example.test")  # nomx.test: no DNS at all
+    gateway, mx = Receiver(), Receiver()
+
+    def make(ports: list[int]) -> dict[str, Any]:
+        transport = {"domain": "nomx.test", "host": "127.0.0.1", "port": ports[0]}
+        return {"transports": [transport]}
+
+    run(deliver_via(env, [gateway, mx], make))
+
+    rows = env.recipients(message_id)
+    assert rows["ann@nomx.test"].status == "delivered"
+    assert [m.recipients for m in gateway.messages] == [("ann@nomx.test",)]
+    event = {e.recipient_id: e.data for e in env.events(message_id, "delivered")}
+    assert event[rows["ann@nomx.test"].id]["transport"] == "nomx.test"
+    assert event[rows["ann@nomx.test"].id]["ip"] == "127.0.0.1"
+    # example.test has no transport and no smarthost: MX delivery, to the closed port
+    assert rows["bob@example.test"].status == "deferred"
+
+
+def test_a_wildcard_transport_by_host_name_with_required_tls(env: Env, pki: Pki) -> None:
+    message_id = env.message("ann@deep.sub.corp.test", "bob@corp.test")
+    gateway = Receiver(tls=pki.signed)
+
+    async def scenario() -> None:
+        port = await gateway.start()
+        try:
+            transport = {"domain": "*.corp.test", "host": MX_NAME, "port": port, "tls": "required"}
+            settings = env.settings(CLOSED_PORT, transports=[transport])
+            worker = DeliveryWorker(
+                settings, env.db, MASTER, ssl_context=pki.client_context(), connect_timeout=5
+            )
+            await worker.run_once()
+        finally:
+            await gateway.stop()
+
+    run(scenario())
+    rows = env.recipients(message_id)
+    assert rows["ann@deep.sub.corp.test"].status == "delivered"
+    assert gateway.messages[0].tls  # required, and verified against the test CA
+    data = env.events(message_id, "delivered")[0].data
+    assert data["transport"] == "*.corp.test" and data["mx"] == MX_NAME
+    # the pattern covers subdomains only, not corp.test itself (which has no DNS)
+    assert rows["bob@corp.test"].status in ("deferred", "failed")
+    assert [m.recipients for m in gateway.messages] == [("ann@deep.sub.corp.test",)]
+
+
+def test_a_transport_with_tls_none_is_not_used_for_required_tls(env: Env, pki: Pki) -> None:
+    """A message demanding TLS is not downgraded by a transport's ``tls = "none"``."""
+    message_id = env.message("ann@nomx.test", options={"require_tls": True})
+    gateway = Receiver()  # no STARTTLS
+
+    def make(ports: list[int]) -> dict[str, Any]:
+        transport = {"domain": "nomx.test", "host": "127.0.0.1", "port": ports[0], "tls": "none"}
+        return {"transports": [transport]}
+
+    run(deliver_via(env, [gateway], make))
+    assert env.recipients(message_id)["ann@nomx.test"].status == "deferred"
+    assert gateway.messages == []
+
+
+def test_the_smarthost_receives_every_domain_without_a_transport(env: Env) -> None:
+    message_id = env.message("ann@anywhere.invalid", "bob@example.test", "cat@partner.test")
+    relay, partner = Receiver(), Receiver()
+
+    def make(ports: list[int]) -> dict[str, Any]:
+        return {
+            "smarthost": {"host": "127.0.0.1", "port": ports[0], "tls": "opportunistic"},
+            "transports": [{"domain": "partner.test", "host": "127.0.0.1", "port": ports[1]}],
+        }
+
+    run(deliver_via(env, [relay, partner], make))
+
+    rows = env.recipients(message_id)
+    assert {row.status for row in rows.values()} == {"delivered"}
+    assert sorted(m.recipients[0] for m in relay.messages) == [
+        "ann@anywhere.invalid",
+        "bob@example.test",
+    ]
+    assert [m.recipients for m in partner.messages] == [("cat@partner.test",)]
+    by_row = {e.recipient_id: e.data for e in env.events(message_id, "delivered")}
+    assert by_row[rows["ann@anywhere.invalid"].id]["transport"] == "smarthost"
+    assert by_row[rows["cat@partner.test"].id]["transport"] == "partner.test"
+    assert "mta_sts" not in by_row[rows["bob@example.test"].id]  # not MX delivery
+
+
+def test_a_transport_host_without_address_defers_rather_than_bounces(env: Env) -> None:
+    message_id = env.message("ann@nomx.test")
+
+    def make(ports: list[int]) -> dict[str, Any]:
+        return {"transports": [{"domain": "nomx.test", "host": "gone.test", "port": ports[0]}]}
+
+    run(deliver_via(env, [Receiver()], make))
+    row = env.recipients(message_id)["ann@nomx.test"]
+    assert row.status == "deferred"  # the operator's mistake, not the recipient's
+    assert env.events(message_id, "deferred")[0].data["transport"] == "nomx.test"
