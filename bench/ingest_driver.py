@@ -233,9 +233,9 @@ def smtp_source_cmd(port: int, sessions: int, messages: int, size: int) -> list[
 
 # -- Postfix ------------------------------------------------------------------------
 
-POSTFIX_MAIN_CF = """\
-# Written by bench/ingest: an isolated Postfix that accepts anything from
-# 127.0.0.0/8 into its (fsync'd) queue and then discards it.
+# An isolated Postfix that accepts anything from 127.0.0.0/8 into its (fsync'd)
+# queue; what happens next is the benchmark's: discard (ingest) or relay (relay).
+POSTFIX_BASE_CF = """\
 compatibility_level = 3.6
 queue_directory = {base}/spool
 data_directory = {base}/data
@@ -254,11 +254,16 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 smtpd_recipient_restrictions = permit_mynetworks, reject
-default_transport = discard
-relay_transport = discard
-local_transport = discard
-virtual_transport = discard
 """
+
+POSTFIX_MAIN_CF = (
+    "# Written by bench/ingest: accept, then discard.\n"
+    + POSTFIX_BASE_CF
+    + "default_transport = discard\n"
+    "relay_transport = discard\n"
+    "local_transport = discard\n"
+    "virtual_transport = discard\n"
+)
 
 _POSTFIX_PROBLEM = re.compile(r"\b(reject|warning|error|fatal|panic):", re.IGNORECASE)
 

@@ -143,29 +143,11 @@ class Sink:
 
 # -- Postfix, relaying ---------------------------------------------------------------------
 
-POSTFIX_RELAY_MAIN_CF = """\
-# Written by bench/relay: an isolated Postfix that accepts anything from
-# 127.0.0.0/8 into its (fsync'd) queue and relays all of it to smtp-sink.
-compatibility_level = 3.6
-queue_directory = {base}/spool
-data_directory = {base}/data
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
-myhostname = postfix.bench.test
-mydomain = bench.test
-myorigin = $myhostname
-mydestination =
-local_recipient_maps =
-alias_maps =
-alias_database =
-biff = no
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_recipient_restrictions = permit_mynetworks, reject
-relayhost = [127.0.0.1]:{sink_port}
-"""
+POSTFIX_RELAY_MAIN_CF = (
+    "# Written by bench/relay: accept, then relay all of it to smtp-sink.\n"
+    + ing.POSTFIX_BASE_CF
+    + "relayhost = [127.0.0.1]:{sink_port}\n"
+)
 
 
 class RelayPostfix(Postfix):
