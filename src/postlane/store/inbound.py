@@ -10,10 +10,11 @@ No extra table or column: the event log *is* the work list.
 
 Finding the work without a full scan
 ------------------------------------
-There is no index on ``events.type``, so "inbound events with no later
-``inbound_processed``" is read as a primary-key range scan from a cursor the
-caller keeps (``events.id > after_event_id``), filtered on type, with the
-``NOT EXISTS`` answered by ``ix_events_message (message_id, id)``::
+"Inbound events with no later ``inbound_processed``" is read from the
+partial index ``ix_events_inbound ON events (id) WHERE type = 'inbound'``
+(migration 0003) from a cursor the caller keeps (``events.id >
+after_event_id``), with the ``NOT EXISTS`` answered by ``ix_events_message
+(message_id, id)``::
 
     SELECT e.id, e.message_id, e.account_id, e.data, m.mail_from, m.raw
     FROM events AS e LEFT JOIN messages AS m ON m.id = e.message_id
@@ -23,10 +24,9 @@ caller keeps (``events.id > after_event_id``), filtered on type, with the
                         AND p.type = 'inbound_processed')
     ORDER BY e.id LIMIT :limit
 
-From cursor 0 this reads the whole event log once; callers advance the cursor
-(see :class:`~postlane.delivery.bounce_processor.BounceProcessor`). A partial
-index ``ON events (id) WHERE type = 'inbound'`` would remove even that, but
-needs a migration.
+So the work costs what there is of inbound mail, not the size of the event
+log; callers still advance the cursor (see
+:class:`~postlane.delivery.bounce_processor.BounceProcessor`) past what is done.
 """
 
 from __future__ import annotations

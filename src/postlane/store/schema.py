@@ -311,6 +311,13 @@ events = sa.Table(
 sa.Index("ix_events_message", events.c.message_id, events.c.id)
 sa.Index("ix_events_account_created", events.c.account_id, events.c.created_at)
 
+sa.Index(
+    "ix_events_inbound",
+    events.c.id,
+    postgresql_where=events.c.type == "inbound",
+    sqlite_where=events.c.type == "inbound",
+)
+
 suppressions = sa.Table(
     "suppressions",
     metadata,
@@ -343,3 +350,39 @@ alerts = sa.Table(
 )
 sa.Index("ix_alerts_account_created", alerts.c.account_id, alerts.c.created_at)
 sa.Index("ix_alerts_smtp_user_id", alerts.c.smtp_user_id)
+
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("id", ID, primary_key=True, autoincrement=True),
+    _account_fk(),
+    sa.Column("name", sa.Text(), nullable=False),
+    # Jinja2 sources (render/templates.py); at least one body part.
+    sa.Column("subject", sa.Text(), nullable=True),
+    sa.Column("html", sa.Text(), nullable=True),
+    sa.Column("text", sa.Text(), nullable=True),
+    _created_at(),
+    _updated_at(),
+    sa.UniqueConstraint("account_id", "name"),
+    sa.CheckConstraint("html IS NOT NULL OR text IS NOT NULL", name="has_body"),
+)
+CHECK_RULES["ck_templates_has_body"] = ("html", "a template needs an HTML or a text part")
+
+archived_copies = sa.Table(
+    "archived_copies",
+    metadata,
+    sa.Column("id", ID, primary_key=True, autoincrement=True),
+    _account_fk(),
+    # No foreign keys: an archive outlives message retention, as events do.
+    sa.Column("message_id", sa.Text(), nullable=False),
+    sa.Column("recipient_id", ID, nullable=False),
+    sa.Column("address", sa.Text(), nullable=False),
+    sa.Column("data", sa.LargeBinary(), nullable=False),
+    _created_at(),
+)
+sa.Index(
+    "ix_archived_copies_message_id", archived_copies.c.message_id, archived_copies.c.recipient_id
+)
+sa.Index(
+    "ix_archived_copies_account_created", archived_copies.c.account_id, archived_copies.c.created_at
+)

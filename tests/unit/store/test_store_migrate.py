@@ -30,7 +30,7 @@ def test_upgrade_from_empty(database_url: str) -> None:
     try:
         assert current_revision(db) is None
         upgrade(db)
-        assert current_revision(db) == migrate_module.head_revision() == "0002"
+        assert current_revision(db) == migrate_module.head_revision() == "0003"
         tables = set(sa.inspect(db.engine).get_table_names())
         assert tables == set(metadata.tables) | {"alembic_version"}
     finally:
@@ -68,7 +68,7 @@ def test_upgrading_twice_changes_nothing(db: Database) -> None:
         create_account(conn, "survivor")
     upgrade(db)
     upgrade(db)
-    assert current_revision(db) == migrate_module.head_revision() == "0002"
+    assert current_revision(db) == migrate_module.head_revision() == "0003"
     with db.connect() as conn:
         assert [a.name for a in list_accounts(conn)] == ["survivor"]
     assert _differences(db, metadata) == []
@@ -96,14 +96,14 @@ def test_migrations_ship_inside_the_package() -> None:
     assert directory.parent.name == "store"
 
 
-def test_0002_upgrades_a_0001_database_with_data(database_url: str) -> None:
+def test_later_migrations_upgrade_a_0001_database_with_data(database_url: str) -> None:
     db = Database.from_url(database_url)
     try:
         upgrade(db, "0001")
         with db.begin() as conn:
             create_account(conn, "early")
         upgrade(db)
-        assert current_revision(db) == "0002"
+        assert current_revision(db) == "0003"
         assert _differences(db, metadata) == []
         with db.connect() as conn:
             assert [a.name for a in list_accounts(conn)] == ["early"]
