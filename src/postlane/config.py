@@ -261,6 +261,13 @@ class DeliverySettings(_Section):
     poll_interval: float = Field(
         1.0, gt=0, le=60, description="Seconds between queue polls when nothing is due"
     )
+    connection_cache_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=300,
+        description="Seconds an idle outbound connection is kept for the next mail to the "
+        "same hosts; 0: close each connection when its batch is sent",
+    )
 
     @field_validator("nameservers")
     @classmethod

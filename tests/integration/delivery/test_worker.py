@@ -69,7 +69,10 @@ class Receiver:
     tls: ssl.SSLContext | None = None
     messages: list[Delivered] = field(default_factory=list)
     sessions: int = 0
+    closed: int = 0
+    resets: int = 0
     server: asyncio.Server | None = None
+    transports: list[asyncio.Transport] = field(default_factory=list)
 
     async def start(self) -> int:
         self.server = await asyncio.get_running_loop().create_server(
@@ -81,6 +84,11 @@ class Receiver:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+    def drop_all(self) -> None:
+        """Close every open session without a word, as a server timing out idle clients."""
+        for transport in self.transports:
+            transport.abort()
 
 
 class _ReceiverSession(asyncio.Protocol):
@@ -99,12 +107,17 @@ class _ReceiverSession(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.owner.sessions += 1
+        self.owner.transports.append(transport)
         self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.closed += 1
 
     def data_received(self, data: bytes) -> None:
         if self.upgrading:
             self.early += data
             return
+        self.owner.resets += data.upper().count(b"RSET\r\n")
         self.conn.receive_data(data)
         self.pump()
 
@@ -895,3 +908,79 @@ def test_a_transport_host_without_address_defers_rather_than_bounces(env: Env) -
     row = env.recipients(message_id)["ann@nomx.test"]
     assert row.status == "deferred"  # the operator's mistake, not the recipient's
     assert env.events(message_id, "deferred")[0].data["transport"] == "nomx.test"
+
+
+# -- connections kept across batches ---------------------------------------------------------------
+
+
+async def deliver_batches(
+    env: Env,
+    receiver: Receiver,
+    batches: list[list[str]],
+    *,
+    between: Callable[[], None] | None = None,
+    shaper: Shaper | None = None,
+    **delivery: Any,
+) -> list[str]:
+    """One message and one ``run_once`` per batch; ``between`` runs after each but the last.
+
+    Returns the message ids; idle connections are closed (QUIT) at the end.
+    """
+    port = await receiver.start()
+    worker = DeliveryWorker(env.settings(port, **delivery), env.db, MASTER, shaper=shaper)
+    ids = []
+    try:
+        for number, addresses in enumerate(batches):
+            ids.append(env.message(*addresses))
+            await worker.run_once()
+            if between is not None and number < len(batches) - 1:
+                between()
+                await asyncio.sleep(0.05)  # the client sees the close
+        return ids
+    finally:
+        await worker.close_idle()
+        await receiver.stop()
+
+
+def test_a_later_batch_reuses_the_connection_after_rset(env: Env) -> None:
+    receiver = Receiver()
+    run(deliver_batches(env, receiver, [["a@example.test"], ["b@example.test"]]))
+    assert len(receiver.messages) == 2
+    assert receiver.sessions == 1
+    assert receiver.resets == 1  # the probe before the second batch
+
+
+def test_idle_connections_are_quit_when_closed(env: Env) -> None:
+    receiver = Receiver()
+    run(deliver_batches(env, receiver, [["a@example.test"]]))
+    assert receiver.sessions == 1 and receiver.closed == 1
+
+
+def test_no_cache_means_a_connection_per_batch(env: Env) -> None:
+    receiver = Receiver()
+    batches = [["a@example.test"], ["b@example.test"]]
+    run(deliver_batches(env, receiver, batches, connection_cache_seconds=0))
+    assert len(receiver.messages) == 2
+    assert receiver.sessions == 2 and receiver.resets == 0
+
+
+def test_a_connection_the_server_dropped_while_idle_is_replaced(env: Env) -> None:
+    receiver = Receiver()
+    batches = [["a@example.test"], ["b@example.test"]]
+    ids = run(deliver_batches(env, receiver, batches, between=receiver.drop_all))
+    assert sorted(m.recipients for m in receiver.messages) == [
+        ("a@example.test",),
+        ("b@example.test",),
+    ]
+    assert receiver.sessions == 2
+    # nothing deferred because of the dead connection
+    assert {row.status for mid in ids for row in env.recipients(mid).values()} == {"delivered"}
+
+
+def test_messages_per_connection_counts_across_batches(env: Env) -> None:
+    receiver = Receiver()
+    shaper = Shaper(load_rules(shaping_rules(env, per_minute=6000, per_connection=2)))
+    batches = [["a@example.test"], ["b@example.test"], ["c@example.test"]]
+    run(deliver_batches(env, receiver, batches, shaper=shaper))
+    assert len(receiver.messages) == 3
+    assert receiver.sessions == 2  # a and b on the first connection, c on a new one
