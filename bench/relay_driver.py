@@ -57,6 +57,7 @@ from ingest_driver import (
     machine_info,
     postlane_cli,
     proc_cpu,
+    proc_status_kib,
     say,
     settle,
     smtp_source_cmd,
@@ -238,30 +239,75 @@ messages_per_minute = 100000000
 
 
 class RelayPostlane(Postlane):
-    """bench/ingest's Postlane process, run with ``--role smtp --role delivery``."""
+    """bench/ingest's Postlane process, run with ``--role smtp --role delivery``.
 
-    def start(self) -> None:
-        # as Postlane.start, with the delivery role added
-        shutil.copytree(self.template, self.dir)
-        out = open(self.dir / "serve.out", "wb")  # noqa: SIM115
-        err = open(self.dir / "serve.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(VENV_PY), "-m", "postlane", "serve", "--role", "smtp", "--role", "delivery"],
-            cwd=self.dir,
-            env=clean_env(),
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
+    With ``split`` the roles run as two processes on the same data directory,
+    ``serve --role smtp`` and ``serve --role delivery`` (its metrics endpoint
+    on ``delivery_http``): CPU, memory and logs are then the sum of both.
+    """
+
+    split = False
+    delivery_http = 0
+    delivery_proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, roles: list[str], stem: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        out = open(self.dir / f"{stem}.out", "wb")  # noqa: SIM115
+        err = open(self.dir / f"{stem}.log", "wb")  # noqa: SIM115
+        command = [str(VENV_PY), "-m", "postlane", "serve"]
+        for role in roles:
+            command += ["--role", role]
+        proc = subprocess.Popen(
+            command, cwd=self.dir, env=env, stdout=out, stderr=err, start_new_session=True
         )
         out.close()
         err.close()
         deadline = time.monotonic() + 60
-        while "postlane running" not in (self.dir / "serve.out").read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        while "postlane running" not in (self.dir / f"{stem}.out").read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(f"postlane serve did not start:\n{self.log_tail()}")
             time.sleep(0.05)
+        return proc
+
+    def start(self) -> None:
+        # as Postlane.start, with the delivery role added (in this process or its own)
+        shutil.copytree(self.template, self.dir)
+        if self.split:
+            self.proc = self._spawn(["smtp"], "serve", clean_env())
+            env = {**clean_env(), "POSTLANE_HTTP__PORT": str(self.delivery_http)}
+            self.delivery_proc = self._spawn(["delivery"], "delivery", env)
+        else:
+            self.proc = self._spawn(["smtp", "delivery"], "serve", clean_env())
         wait_banner(self.ports.trusted)
         self.startup_hwm_kib = self.hwm_kib()
+
+    def cpu(self) -> float:
+        total = super().cpu()
+        if self.delivery_proc is not None and self.delivery_proc.poll() is None:
+            total += proc_cpu(self.delivery_proc.pid)
+        return total
+
+    def hwm_kib(self) -> int:
+        total = super().hwm_kib()
+        if self.delivery_proc is not None and self.delivery_proc.poll() is None:
+            total += proc_status_kib(self.delivery_proc.pid, "VmHWM")
+        return total
+
+    def log_text(self) -> str:
+        text = super().log_text()
+        if self.split:
+            text += (self.dir / "delivery.log").read_text(errors="replace")
+        return text
+
+    def stop(self) -> None:
+        delivery, self.delivery_proc = self.delivery_proc, None
+        if delivery is not None and delivery.poll() is None:
+            delivery.send_signal(signal.SIGTERM)
+            try:
+                delivery.wait(60)
+            except subprocess.TimeoutExpired:
+                delivery.kill()
+                delivery.wait()
+        super().stop()
 
     def statuses(self) -> dict[str, int]:
         db = self.dir / "data" / "postlane.db"
@@ -491,12 +537,18 @@ class Relay:
 
     # -- Postlane -------------------------------------------------------------------------
 
+    def postlane(self, base: Path) -> RelayPostlane:
+        pl = RelayPostlane(self.template, base / "postlane", self.ports)
+        pl.split = self.args.split
+        pl.delivery_http = self.delivery_http_port
+        return pl
+
     def postlane_run(self, sessions: int, n: int, tag: str) -> dict[str, Any]:
         base = self.run_dir(f"postlane-{tag}")
         base.mkdir()
         sink_port = self.sink_port_postlane
         sink = Sink(base / "sink", sink_port)
-        pl = RelayPostlane(self.template, base / "postlane", self.ports)
+        pl = self.postlane(base)
         self.live += [sink, pl]
         sink.start()
         pl.start()
@@ -585,7 +637,7 @@ class Relay:
         base.mkdir()
         dump = base / "dump"
         sink = Sink(base / "sink", self.sink_port_postlane, dump=dump)
-        pl = RelayPostlane(self.template, base / "postlane", self.ports)
+        pl = self.postlane(base)
         self.live += [sink, pl]
         sink.start()
         pl.start()
@@ -707,7 +759,7 @@ def summary(results: dict[str, Any], failures: list[str]) -> str:
         f"Postlane [delivery]: concurrency {cfg['concurrency']}, lease_batch {cfg['lease_batch']}, "
         f"poll_interval {cfg['poll_interval']}, shaping [default] max_connections "
         f"{cfg['concurrency']}, messages_per_connection {cfg['messages_per_connection']}, "
-        "messages_per_minute 1e8; DKIM RSA-2048",
+        f"messages_per_minute 1e8; DKIM RSA-2048; processes: {cfg.get('processes', 'one')}",
         "-" * width,
         f"{'run':<22}{'server':<10}{'msgs':>7}{'accept s':>10}{'accept/s':>10}{'e2e s':>9}"
         f"{'e2e msg/s':>11}{'sink s':>9}{'srv CPU s':>11}{'ms/msg':>8}{'sink n':>8}{'other%':>8}",
@@ -777,6 +829,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--postlane-sink-port", type=int, default=10131)
     p.add_argument("--run-limit", type=float, default=600.0)
     p.add_argument("--no-smoke", action="store_true")
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="run Postlane as two processes: serve --role smtp and serve --role delivery",
+    )
+    p.add_argument("--delivery-http-port", type=int, default=10132)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep Postlane databases")
     return p.parse_args()
@@ -802,6 +860,7 @@ def main() -> int:
     bench = Relay(args, work)
     bench.ports = ports
     bench.sink_port_postlane = free_port(args.postlane_sink_port)
+    bench.delivery_http_port = free_port(args.delivery_http_port)
     results = bench.results
     results["results_file"] = str(work / "results.json")
     started = time.monotonic()
@@ -822,6 +881,9 @@ def main() -> int:
             "lease_batch": args.lease_batch,
             "poll_interval": args.poll_interval,
             "messages_per_connection": args.per_connection,
+            "processes": "split: serve --role smtp + serve --role delivery"
+            if args.split
+            else "one: serve --role smtp --role delivery",
         }
         results["postlane_settings"] = cfg
         bench.template = work / "postlane-template"
