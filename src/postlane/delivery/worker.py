@@ -169,6 +169,7 @@ class _Loaded:
     account: Account
     domains: list[SendingDomain]
     recipients: int
+    options: SendOptions  # parsed once: every recipient of the message reads them
 
 
 @dataclass(slots=True)
@@ -505,7 +506,7 @@ class DeliveryWorker:
         for row in rows:
             try:
                 loaded = await self._load(row.message_id, batch)
-                options = SendOptions.from_json(loaded.message.options)
+                options = loaded.options
             except Exception as exc:
                 log.debug("recipient %d: not checked for suppression: %s", row.id, exc)
                 continue  # _prepare fails it with the reason
@@ -544,7 +545,7 @@ class DeliveryWorker:
             return None
         try:
             loaded = await self._load(row.message_id, batch)
-            options = SendOptions.from_json(loaded.message.options)
+            options = loaded.options
             identity = self._identity(loaded)
             if identity is None:
                 await self._fail(row, _NO_DOMAIN, {"stage": "render"})
@@ -638,7 +639,8 @@ class DeliveryWorker:
                     count = self._counts[message_id] = counts.get(message_id, 0)
                     if len(self._counts) > _COUNT_CACHE:
                         self._counts.popitem(last=False)
-                out[message_id] = _Loaded(message, accounts[owner], domains[owner], count)
+                options = SendOptions.from_json(message.options)
+                out[message_id] = _Loaded(message, accounts[owner], domains[owner], count, options)
             except Exception as exc:  # one message's problem is that message's only
                 out[message_id] = exc
         return out
@@ -1021,13 +1023,7 @@ class DeliveryWorker:
     ) -> None:
         text = str(reply)
         if reply.code < 400:
-            now = self._clock()
-            await self._record(
-                row,
-                lambda conn: queue.mark_delivered(
-                    conn, row.id, owner=self.owner, now=now, data=details, reply=text
-                ),
-            )
+            await self._record(row, queue.Delivery(row.id, details, text))
             return
         verdict = classify(reply.code, reply.enhanced, reply.text)
         data = {**details, "kind": verdict.kind.value, "reason": verdict.reason}
@@ -1115,7 +1111,7 @@ class DeliveryWorker:
             ),
         )
 
-    async def _record(self, row: queue.Leased, write: Callable[[Connection], bool]) -> None:
+    async def _record(self, row: queue.Leased, write: _Write) -> None:
         """Record one outcome as soon as possible; a lost lease is logged, not an error.
 
         Outcomes that arrive while a transaction of earlier ones is being
@@ -1124,7 +1120,8 @@ class DeliveryWorker:
         recipient was the delivery role's largest cost and starved intake of
         SQLite's single write lock. Each outcome is still written within one
         commit cycle of its reply, so a killed worker resends at most what was
-        in flight.
+        in flight. Deliveries (most outcomes) are written together by
+        :func:`~postlane.store.queue.mark_delivered_many`, the rest one by one.
         """
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._outcomes.append((write, future))
@@ -1140,14 +1137,14 @@ class DeliveryWorker:
 
             def run(batch: list[_Outcome] = batch) -> list[bool]:
                 with self._db.begin() as conn:
-                    return [write(conn) for write, _ in batch]
+                    return self._write_batch(conn, [write for write, _ in batch])
 
             try:
                 results = await asyncio.to_thread(run)
             except Exception:  # one bad write must not fail its neighbours: one by one
                 for write, future in batch:
                     try:
-                        done = await self._write(write)
+                        done = await self._write(self._one(write))
                     except Exception as exc:
                         if not future.done():
                             future.set_exception(exc)
@@ -1158,6 +1155,23 @@ class DeliveryWorker:
             for (_, future), done in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(done)
+
+    def _write_batch(self, conn: Connection, writes: list[_Write]) -> list[bool]:
+        deliveries = [w for w in writes if isinstance(w, queue.Delivery)]
+        delivered = iter(
+            queue.mark_delivered_many(conn, deliveries, owner=self.owner, now=self._clock())
+            if deliveries
+            else []
+        )
+        return [
+            next(delivered) if isinstance(write, queue.Delivery) else write(conn)
+            for write in writes
+        ]
+
+    def _one(self, write: _Write) -> Callable[[Connection], bool]:
+        if not isinstance(write, queue.Delivery):
+            return write
+        return lambda conn: self._write_batch(conn, [write])[0]
 
     # -- the database, off the event loop -------------------------------------------------------
 
@@ -1176,7 +1190,8 @@ class DeliveryWorker:
         return await asyncio.to_thread(run)
 
 
-_Outcome = tuple[Callable[[Connection], bool], "asyncio.Future[bool]"]
+_Write = Callable[[Connection], bool] | queue.Delivery
+_Outcome = tuple[_Write, "asyncio.Future[bool]"]
 
 
 def _organisational(domain: str) -> str | None:

@@ -282,6 +282,68 @@ def mark_delivered(
     return _finish(conn, id, owner, now, "delivered", values, "delivered", data, reply)
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivered recipient for :func:`mark_delivered_many`."""
+
+    id: int
+    data: Mapping[str, Any]
+    reply: str | None = None
+
+
+def mark_delivered_many(
+    conn: Connection, deliveries: Sequence[Delivery], *, owner: str, now: datetime
+) -> list[bool]:
+    """:func:`mark_delivered` for many rows in a few statements; True for each row written.
+
+    Measured under bench/relay: two statements per delivered recipient
+    (the fenced UPDATE ... RETURNING and its event) were a quarter of the
+    delivery role's time with the GIL. Here: one SELECT of the rows
+    ``owner`` still holds (locked on PostgreSQL, so the fence cannot move
+    before the UPDATE; SQLite's writer already holds the database), one
+    executemany UPDATE and one multi-row event INSERT, per 500 rows.
+    """
+    owner = _values.name("lease owner", owner)
+    _aware("now", now)
+    prepared: dict[int, tuple[Delivery, dict[str, Any]]] = {}
+    for delivery in deliveries:
+        _values.integer("recipient id", delivery.id)
+        event_data = _values.json_object("event data", delivery.data)
+        if delivery.reply is not None:
+            event_data.setdefault("reply", delivery.reply)
+        prepared[delivery.id] = (delivery, event_data)
+    r = recipients.c
+    held: list[sa.Row[Any]] = []
+    for chunk in _chunks(list(prepared)):
+        query = (
+            sa.select(r.id, r.account_id, r.message_id)
+            .where(r.id.in_(chunk), r.lease_owner == owner, r.status == "sending")
+            .with_for_update()
+        )
+        held.extend(conn.execute(query))
+    if held:
+        with_reply = [row for row in held if prepared[row.id][0].reply is not None]
+        without = [row for row in held if prepared[row.id][0].reply is None]
+        base = sa.update(recipients).where(r.id == sa.bindparam("b_id"))
+        common = {
+            "status": "delivered",
+            "attempts": r.attempts + 1,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        if with_reply:
+            conn.execute(
+                base.values(**common, last_reply=sa.bindparam("b_reply")),
+                [{"b_id": row.id, "b_reply": prepared[row.id][0].reply} for row in with_reply],
+            )
+        if without:
+            conn.execute(base.values(**common), [{"b_id": row.id} for row in without])
+        _record(conn, held, "delivered", now, lambda row: prepared[row.id][1])
+    written = {row.id for row in held}
+    return [delivery.id in written for delivery in deliveries]
+
+
 def mark_deferred(
     conn: Connection,
     id: int,

@@ -14,6 +14,7 @@ from postlane.errors import InvalidInput, NotFound
 from postlane.store import Account, Database, create_account, queue
 from postlane.store.intake import NewMessage, NewRecipient, insert_messages
 from postlane.store.queue import (
+    Delivery,
     Leased,
     cancel,
     expire_overdue,
@@ -23,6 +24,7 @@ from postlane.store.queue import (
     list_queue,
     mark_deferred,
     mark_delivered,
+    mark_delivered_many,
     mark_expired,
     mark_failed,
     mark_suppressed,
@@ -427,6 +429,53 @@ def test_mark_delivered(db: Database, account: Account) -> None:
     with db.connect() as conn:
         event = conn.execute(sa.select(events).where(events.c.recipient_id == rid)).one()
     assert (event.account_id, event.message_id, event.created_at) == (account.id, "Qw1", done)
+
+
+def test_mark_delivered_many_writes_each_held_row_and_its_event(
+    db: Database, account: Account
+) -> None:
+    ids = enqueue(db, account.id, "QM", "a@example.org", "b@example.org", "c@example.org")
+    assert sorted(ids_of(lease(db, "w1", now=T0))) == sorted(ids)
+    set_status(db, "cancelled", ids[2])  # an operator took this one away meanwhile
+    done = T0 + MINUTE
+    deliveries = [
+        Delivery(ids[0], {"mx": "mx1"}, "250 2.0.0 ok a"),
+        Delivery(ids[1], {"mx": "mx1", "reply": "own"}),
+        Delivery(ids[2], {"mx": "mx1"}, "250 2.0.0 ok c"),
+    ]
+    with db.begin() as conn:
+        assert mark_delivered_many(conn, deliveries, owner="w1", now=done) == [True, True, False]
+    first, second, third = (row(db, rid) for rid in ids)
+    assert (first["status"], first["attempts"], first["last_reply"]) == (
+        "delivered",
+        1,
+        "250 2.0.0 ok a",
+    )
+    assert (second["status"], second["last_reply"]) == ("delivered", None)
+    assert (first["lease_owner"], first["lease_expires_at"], first["updated_at"]) == (
+        None,
+        None,
+        done,
+    )
+    assert third["status"] == "cancelled"
+    assert queue_events(db, ids[0]) == [("delivered", {"mx": "mx1", "reply": "250 2.0.0 ok a"})]
+    assert queue_events(db, ids[1]) == [("delivered", {"mx": "mx1", "reply": "own"})]
+    assert queue_events(db, ids[2]) == []
+
+
+def test_mark_delivered_many_is_fenced_on_the_owner(db: Database, account: Account) -> None:
+    rid = leased_row(db, account, owner="w1")
+    with db.begin() as conn:
+        assert mark_delivered_many(conn, [Delivery(rid, {})], owner="w2", now=T0) == [False]
+        assert mark_delivered_many(conn, [], owner="w1", now=T0) == []
+    assert row(db, rid)["status"] == "sending"
+    assert queue_events(db, rid) == []
+
+
+def test_mark_delivered_many_checks_its_input(db: Database, account: Account) -> None:
+    rid = leased_row(db, account)
+    with db.begin() as conn, pytest.raises(InvalidInput, match="event data"):
+        mark_delivered_many(conn, [Delivery(rid, {"x": object()})], owner="w1", now=T0)
 
 
 def test_mark_deferred_schedules_the_next_attempt(db: Database, account: Account) -> None:
