@@ -87,6 +87,9 @@ def _to_names_only(message: bytes, recipient: str) -> bool:
     fields = [f for f in header_section(message).fields if f.name.lower() == "to"]
     if len(fields) != 1:
         return False
+    simple = _simple_address(fields[0].value)
+    if simple is not None:
+        return simple.casefold() == recipient.casefold()
     try:
         header = email.policy.SMTP.header_factory(fields[0].name, fields[0].value)
     except (HeaderParseError, ValueError, IndexError):
@@ -95,3 +98,27 @@ def _to_names_only(message: bytes, recipient: str) -> bool:
         return False
     addresses = header.addresses
     return len(addresses) == 1 and addresses[0].addr_spec.casefold() == recipient.casefold()
+
+
+_NOT_SIMPLE: Final = frozenset(',;:"()\\')
+
+
+def _simple_address(value: str) -> str | None:
+    """The address of a To value that can only name one, or None to ask the full parser.
+
+    ``bob@example.org``, ``<bob@example.org>`` and ``Bob <bob@example.org>``
+    are most of what applications send to one recipient. Measured at ~0.3 ms
+    per copy, the email package's address parser was the largest render
+    step after signing; a value with no quote, comment, comma, group or
+    escape cannot hold a second address, so it is read here directly.
+    """
+    text = " ".join(value.split())
+    if not text or any(char in _NOT_SIMPLE for char in text):
+        return None
+    if "<" in text:
+        if text.count("<") != 1 or not text.endswith(">"):
+            return None
+        text = text[text.index("<") + 1 : -1].strip()
+    if " " in text or "<" in text or ">" in text or text.count("@") != 1:
+        return None
+    return text

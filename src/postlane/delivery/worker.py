@@ -78,6 +78,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -135,6 +136,7 @@ SWEEP_LIMIT: Final = 1000  # rows expired per sweep transaction (keeps SQLite wr
 STOP_GRACE: Final = 30.0  # seconds stop() lets in-flight groups finish
 GATHER_SECONDS: Final = 0.1  # wait after a lease that drained the due rows (see _run)
 _COUNT_CACHE: Final = 1024  # messages whose recipient count is remembered
+_OPTIONS_CACHE: Final = 256  # distinct stored options kept parsed
 _NO_DOMAIN: Final = "account has no sending domain"
 _SUPPRESSED: Final = "address is on the account's suppression list"
 _STS_STATUS: Final = "4.7.5"  # RFC 3463: cryptographic failure (no host the policy allows)
@@ -321,6 +323,7 @@ class DeliveryWorker:
         self._last_sweep = float("-inf")
         self._identities: dict[tuple[int, datetime], _Identity] = {}
         self._counts: OrderedDict[str, int] = OrderedDict()
+        self._parsed_options: dict[str, SendOptions] = {}
         self._idle: ConnectionCache[_Host] = ConnectionCache(
             self._settings.connection_cache_seconds,
             time.monotonic,
@@ -639,11 +642,26 @@ class DeliveryWorker:
                     count = self._counts[message_id] = counts.get(message_id, 0)
                     if len(self._counts) > _COUNT_CACHE:
                         self._counts.popitem(last=False)
-                options = SendOptions.from_json(message.options)
+                options = self._options(message.options)
                 out[message_id] = _Loaded(message, accounts[owner], domains[owner], count, options)
             except Exception as exc:  # one message's problem is that message's only
                 out[message_id] = exc
         return out
+
+    def _options(self, stored: dict[str, Any]) -> SendOptions:
+        """The message's options, parsed once per distinct value.
+
+        Most messages of an account carry the same stored options (its
+        defaults): the canonical JSON text costs a third of a parse.
+        """
+        key = json.dumps(stored, sort_keys=True, separators=(",", ":"))
+        options = self._parsed_options.get(key)
+        if options is None:
+            options = SendOptions.from_json(stored)
+            if len(self._parsed_options) >= _OPTIONS_CACHE:
+                self._parsed_options.clear()
+            self._parsed_options[key] = options
+        return options
 
     def _identity(self, loaded: _Loaded) -> _Identity | None:
         """The sending domain aligned with the From (exact, else same organisational domain).

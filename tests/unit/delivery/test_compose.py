@@ -296,3 +296,54 @@ def test_steps_run_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> N
         "apply_attachment_policy",
         "sign",
     ]
+
+
+# -- the one-recipient To check: the quick reading agrees with the email package's --------------
+
+TO_VALUES = [
+    "bob@example.org",
+    "<bob@example.org>",
+    "  Bob Smith <Bob@Example.ORG>",
+    "=?utf-8?q?B=C3=B6b?= <bob@example.org>",
+    '"Smith, Bob" <bob@example.org>',
+    "bob@example.org, ann@example.org",
+    "ann@example.org",
+    "undisclosed-recipients:;",
+    "bob@example.org (Bob)",
+    "<bob@example.org> <ann@example.org>",
+    "Bob\r\n <bob@example.org>",
+    "bob",
+]
+
+
+def _parser_says(value: str, recipient: str) -> bool:
+    header = email.policy.SMTP.header_factory("To", value.replace("\r\n", ""))  # unfolded
+    addresses = getattr(header, "addresses", ())
+    return len(addresses) == 1 and addresses[0].addr_spec.casefold() == recipient.casefold()
+
+
+@pytest.mark.parametrize("value", TO_VALUES)
+def test_to_names_only_agrees_with_the_email_parser(value: str) -> None:
+    from postlane.delivery.compose import _to_names_only
+
+    message = f"From: a@shop.example\r\nTo: {value}\r\nSubject: x\r\n\r\nbody\r\n".encode()
+    assert _to_names_only(message, "bob@example.org") == _parser_says(value, "bob@example.org")
+
+
+@pytest.mark.parametrize(
+    ("value", "address"),
+    [
+        ("bob@example.org", "bob@example.org"),
+        (" <bob@example.org> ", "bob@example.org"),
+        ("Bob Smith <Bob@Example.ORG>", "Bob@Example.ORG"),
+        ('"Smith, Bob" <bob@example.org>', None),
+        ("a@example.org, b@example.org", None),
+        ("group: a@example.org;", None),
+        ("bob@example.org (comment)", None),
+        ("<a@example.org> <b@example.org>", None),
+    ],
+)
+def test_simple_address_reads_only_what_cannot_hold_two(value: str, address: str | None) -> None:
+    from postlane.delivery.compose import _simple_address
+
+    assert _simple_address(value) == address
