@@ -115,9 +115,11 @@ from postlane.store import accounts as account_store
 from postlane.store import domains as domain_store
 from postlane.store import messages as message_store
 from postlane.store import suppressions as suppression_store
+from postlane.store import templates as template_store
 from postlane.store.accounts import Account
 from postlane.store.domains import SendingDomain
 from postlane.store.messages import MessageRecord
+from postlane.store.templates import Template
 
 __all__ = ["VERP_KEY_PURPOSE", "DeliveryWorker"]
 
@@ -162,6 +164,8 @@ class _Loaded:
     account: Account
     domains: list[SendingDomain]
     recipients: int
+    #: The account's template the message names; None when it names none or a missing one.
+    template: Template | None = None
 
 
 @dataclass(slots=True)
@@ -497,6 +501,7 @@ class DeliveryWorker:
                 account=loaded.account,
                 dkim_keys=identity.keys,
                 recipients_in_message=loaded.recipients,
+                template=loaded.template,
                 attachment_password=password,
             )
             mail_from = verp.encode(row.id, key=self._verp_key, domain=identity.bounce_domain)
@@ -526,7 +531,7 @@ class DeliveryWorker:
         )
 
     async def _load(self, message_id: str, batch: _Batch) -> _Loaded:
-        """The message, its account and sending domains: once per batch, shared by groups."""
+        """The message, its account, domains and template: once per batch, shared by groups."""
         task = batch.loads.get(message_id)
         if task is None:
             task = asyncio.ensure_future(self._read(lambda conn: self._load_now(conn, message_id)))
@@ -544,7 +549,13 @@ class DeliveryWorker:
             self._counts[message_id] = count
             if len(self._counts) > _COUNT_CACHE:
                 self._counts.popitem(last=False)
-        return _Loaded(message, account, domains, count)
+        # Read with the message, not cached across batches: an edited template
+        # applies to the next batch. A missing one is None; compose says so.
+        template = None
+        name = SendOptions.from_json(message.options).template
+        if name is not None:
+            template = template_store.find_template(conn, message.account_id, name)
+        return _Loaded(message, account, domains, count, template)
 
     def _identity(self, loaded: _Loaded) -> _Identity | None:
         """The sending domain aligned with the From (exact, else same organisational domain).
