@@ -476,6 +476,7 @@ def test_missing_template_fails_only_its_recipients(env: Env) -> None:
         assert failed.last_reply == "template 'x' does not exist for this account"
     reasons = [e.data for e in env.events(missing_id, "failed")]
     assert len(reasons) == 2 and all(r["stage"] == "render" for r in reasons)
+    assert {r["reason"] for r in reasons} == {"template 'x' does not exist for this account"}
     assert env.recipients(welcome_id)["carl@example.test"].status == "delivered"
     assert env.recipients(plain_id)["dora@example.test"].status == "delivered"
     assert sorted(m.recipients for m in receiver.messages) == [
