@@ -108,7 +108,8 @@ def put_template(
             "updated_at": row_values.excluded.updated_at,
         },
     ).returning(*templates.c)
-    # The CHECK message is quoted without a value: none of the parts was given.
+    # No values= for explained(): its CHECK is about the parts *not* given,
+    # so the rule alone says it ("a template needs an HTML or a text part").
     with explained(conn, missing_parent=f"account {account_id} not found"):
         row = conn.execute(statement).one()
     return _template(row)
