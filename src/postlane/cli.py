@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -23,6 +23,11 @@ from postlane.store import Database, migrate
 from postlane.store.accounts import Account
 from postlane.store.smtp_users import SmtpUser
 from postlane.tenants import admin
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from postlane.store.templates import Template as StoredTemplate
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -744,6 +749,152 @@ def _number(what: str, text: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) > 2**63 - 1:
         raise InvalidInput(f"{what} {text!r} is not a number")
     return int(text)
+
+
+# -- templates -----------------------------------------------------------------------------
+
+template_app = typer.Typer(
+    help="Stored templates, which messages name in X-OV-Template or X-Mailgun-Template-Name.",
+    no_args_is_help=True,
+)
+app.add_typer(template_app, name="template")
+
+_TemplateAccount = Annotated[str, typer.Argument(help="Account name")]
+_TemplateName = Annotated[
+    str, typer.Argument(help="Template name as messages give it, e.g. welcome-email")
+]
+_TEMPLATE_PARTS = ("subject", "html", "text")
+
+
+@template_app.command("put")
+def template_put(
+    account: _TemplateAccount,
+    name: _TemplateName,
+    html: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="Jinja2 source of the HTML part; '-' reads stdin"),
+    ] = None,
+    text: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="Jinja2 source of the text part; '-' reads stdin"),
+    ] = None,
+    subject: Annotated[
+        str | None, typer.Option(help="Jinja2 source of the Subject (default: the message's)")
+    ] = None,
+) -> None:
+    """Store a template, replacing one of the same name. Its Jinja2 sources are
+    checked now: a syntax error is refused with its line.
+
+    Example: postlane template put acme welcome --html welcome.html --subject "Hi {{ name }}"
+    """
+    from postlane.store import templates as template_store
+
+    if html is None and text is None:
+        _fail("give --html FILE, --text FILE or both")
+    if html == "-" and text == "-":
+        _fail("only one of --html and --text can read standard input")
+    html_source = None if html is None else _read_source("--html", html)
+    text_source = None if text is None else _read_source("--text", text)
+    with _state.db.begin() as conn:
+        account_id = _account_id(conn, account)
+        stored = template_store.put_template(
+            conn, account_id, name, html=html_source, text=text_source, subject=subject
+        )
+    done = "created" if stored.created_at == stored.updated_at else "replaced"
+    out.print(
+        f"template {stored.name!r} {done} for account {account!r} ({_parts(stored)})",
+        markup=False,
+    )
+
+
+@template_app.command("list")
+def template_list(account: _TemplateAccount) -> None:
+    """List an account's templates.
+
+    Example: postlane template list acme
+    """
+    from postlane.store import templates as template_store
+
+    with _state.db.connect() as conn:
+        found = template_store.list_templates(conn, _account_id(conn, account))
+    table = Table("name", "parts", "subject", "updated")
+    for t in found:
+        table.add_row(t.name, _parts(t), t.subject or "", f"{t.updated_at:%Y-%m-%d %H:%M}")
+    out.print(table)
+
+
+@template_app.command("show")
+def template_show(account: _TemplateAccount, name: _TemplateName) -> None:
+    """Print a template's sources as stored.
+
+    Example: postlane template show acme welcome
+    """
+    from postlane.store import templates as template_store
+
+    with _state.db.connect() as conn:
+        account_id = _account_id(conn, account)
+        found = template_store.find_template(conn, account_id, name)
+    if found is None:
+        _fail(f"account {account!r} has no template {name!r}")
+    out.print(
+        f"template {found.name!r} of account {account!r}, "
+        f"created {found.created_at:%Y-%m-%d %H:%M:%S} UTC, "
+        f"updated {found.updated_at:%Y-%m-%d %H:%M:%S} UTC",
+        markup=False,
+    )
+    for part in _TEMPLATE_PARTS:
+        source = getattr(found, part)
+        if source is not None:
+            # Written as stored, byte for byte: no markup, emoji codes or tab expansion.
+            sys.stdout.write(f"--- {part} ---\n{source}")
+            sys.stdout.write("" if source.endswith("\n") else "\n")
+    sys.stdout.flush()
+
+
+@template_app.command("delete")
+def template_delete(account: _TemplateAccount, name: _TemplateName) -> None:
+    """Delete a template. Queued messages that name it fail when they are sent.
+
+    Example: postlane template delete acme welcome
+    """
+    from postlane.errors import NotFound
+    from postlane.store import templates as template_store
+
+    with _state.db.begin() as conn:
+        account_id = _account_id(conn, account)
+        try:
+            template_store.delete_template(conn, account_id, name)
+        except NotFound:
+            _fail(f"account {account!r} has no template {name!r}")
+    out.print(f"template {name.lower()!r} deleted from account {account!r}", markup=False)
+
+
+def _account_id(conn: Connection, account: str) -> int:
+    from postlane.store import accounts as account_store
+
+    return account_store.get_account(conn, account).id
+
+
+def _read_source(option: str, path: str) -> str:
+    """A template source from a file or stdin ('-'), which must be UTF-8 text."""
+    from postlane.errors import InvalidInput
+
+    where = "standard input" if path == "-" else path
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{option}: cannot read {where}: {exc.strerror}") from None
+    try:
+        # utf-8-sig: editors on Windows start UTF-8 files with a byte order mark.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            f"{option}: {where} is not UTF-8 text (byte {exc.start + 1} is not valid)"
+        ) from None
+
+
+def _parts(template: StoredTemplate) -> str:
+    return ", ".join(part for part in _TEMPLATE_PARTS if getattr(template, part) is not None)
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def test_init_and_config_show(run: Run, tmp_path: Path) -> None:
 
 
 def test_db_upgrade_reports_revision(run: Run) -> None:
-    assert "database at revision 0002" in ok(run("db", "upgrade"))
+    assert "database at revision 0003" in ok(run("db", "upgrade"))
 
 
 def test_every_command_has_help_with_example(

@@ -5,10 +5,14 @@ clock but DKIM's ``t=``, no I/O), so the order of the steps and what each one
 sees is tested on bytes alone. The order is the one :mod:`postlane.render`
 and the design lay down, and each step's reason for its place:
 
-1. **Template** (``options.template``). Templates replace the body, so they
-   come before anything that reads or changes the body. Templates are not
-   stored yet, so a message asking for one fails *that recipient* with a
-   clear reason rather than leaving without the content the sender wanted.
+1. **Template** (``options.template``): the account's stored template,
+   rendered with the message's variables, replaces the body (and the Subject
+   when it has one; :mod:`postlane.render.template_body` says what is kept).
+   It comes before anything that reads or changes the body, so the content
+   options and recipient variables act on what the template made. A message
+   naming a template the account does not have, or whose template fails to
+   render, fails *that recipient* with the reason, rather than leaving
+   without the content the sender wanted.
 2. **Content options** (html-to-text, UTF-8, receipts, ...): per message, not
    per recipient; text is re-encoded before recipient values are put into it.
 3. **Recipient variables**: fill ``%recipient.KEY%`` into Subject and body.
@@ -39,11 +43,11 @@ from postlane.render.content import apply_content_options, header_section
 from postlane.render.dkim import DkimKey, sign
 from postlane.render.personalise import substitute_recipient_variables
 from postlane.render.recipients_view import view_for
+from postlane.render.template_body import apply_template, template_variables
 from postlane.store.accounts import Account
+from postlane.store.templates import Template
 
-__all__ = ["TEMPLATES_NOT_STORED", "compose"]
-
-TEMPLATES_NOT_STORED: Final = "templates are not stored yet"
+__all__ = ["compose"]
 
 
 def compose(
@@ -54,22 +58,29 @@ def compose(
     account: Account,
     dkim_keys: Sequence[DkimKey],
     recipients_in_message: int,
+    template: Template | None = None,
     attachment_password: str | None = None,
     timestamp: int | None = None,
 ) -> bytes:
     """The bytes that leave for ``recipient``: ``raw`` rendered and DKIM-signed.
 
-    ``attachment_password`` is the account's archive password, decrypted by
-    the caller (this module holds no keys). ``timestamp`` is DKIM's ``t=``
-    (now when None). Raises :class:`InvalidInput` when the copy cannot be
-    made (a template was asked for, the stored message is malformed, no
+    ``template`` is the account's template named by ``options.template``,
+    loaded by the caller (None when the account has none of that name; not
+    read when the options name none). ``attachment_password`` is the
+    account's archive password, decrypted by the caller (this module holds no
+    keys). ``timestamp`` is DKIM's ``t=`` (now when None). Raises
+    :class:`InvalidInput` when the copy cannot be made (the named template
+    does not exist or fails to render, the stored message is malformed, no
     DKIM key): the caller fails this recipient with the message's text.
     """
-    if options.template is not None:
-        raise InvalidInput(f"template {options.template!r}: {TEMPLATES_NOT_STORED}")
     if not dkim_keys:
         raise InvalidInput("no DKIM key to sign with: the sending domain has none")
-    message = apply_content_options(raw, options)
+    message = raw
+    if options.template is not None:
+        if template is None:
+            raise InvalidInput(f"template {options.template!r} does not exist for this account")
+        message = apply_template(message, template, template_variables(options))
+    message = apply_content_options(message, options)
     message = substitute_recipient_variables(message, recipient, options.recipient_variables)
     if recipients_in_message > 1 or not _to_names_only(message, recipient):
         message = view_for(message, recipient, keep_to=options.keep_to, keep_cc=options.keep_cc)

@@ -122,9 +122,11 @@ from postlane.store import accounts as account_store
 from postlane.store import domains as domain_store
 from postlane.store import messages as message_store
 from postlane.store import suppressions as suppression_store
+from postlane.store import templates as template_store
 from postlane.store.accounts import Account
 from postlane.store.domains import SendingDomain
 from postlane.store.messages import MessageRecord
+from postlane.store.templates import Template
 
 __all__ = ["VERP_KEY_PURPOSE", "DeliveryWorker"]
 
@@ -172,6 +174,8 @@ class _Loaded:
     domains: list[SendingDomain]
     recipients: int
     options: SendOptions  # parsed once: every recipient of the message reads them
+    #: The account's template the message names; None when it names none or a missing one.
+    template: Template | None = None
 
 
 @dataclass(slots=True)
@@ -564,6 +568,7 @@ class DeliveryWorker:
                 account=loaded.account,
                 dkim_keys=identity.keys,
                 recipients_in_message=loaded.recipients,
+                template=loaded.template,
                 attachment_password=password,
             )
             mail_from = verp.encode(row.id, key=self._verp_key, domain=identity.bounce_domain)
@@ -593,7 +598,7 @@ class DeliveryWorker:
         )
 
     async def _load(self, message_id: str, batch: _Batch) -> _Loaded:
-        """The message, its account and sending domains: once per batch, shared by groups."""
+        """The message, its account, domains and template: once per batch, shared by groups."""
         if batch.preload is not None:
             preloaded = (await asyncio.shield(batch.preload)).get(message_id)
             if isinstance(preloaded, Exception):
@@ -643,7 +648,15 @@ class DeliveryWorker:
                     if len(self._counts) > _COUNT_CACHE:
                         self._counts.popitem(last=False)
                 options = self._options(message.options)
-                out[message_id] = _Loaded(message, accounts[owner], domains[owner], count, options)
+                # Read with the message, not cached across batches: an edited
+                # template applies to the next batch. A missing one is None;
+                # compose says so.
+                template = None
+                if options.template is not None:
+                    template = template_store.find_template(conn, owner, options.template)
+                out[message_id] = _Loaded(
+                    message, accounts[owner], domains[owner], count, options, template
+                )
             except Exception as exc:  # one message's problem is that message's only
                 out[message_id] = exc
         return out

@@ -51,6 +51,7 @@ __all__ = [
     "is_attachment",
     "leaves",
     "message_bytes",
+    "new_text_part",
     "parent_map",
     "parse_message",
     "read_text",
@@ -236,10 +237,19 @@ def _needs_encoding(data: bytes, *, eight_bit: bool) -> bool:
     return any(len(line) > _MAX_LINE for line in data.split(b"\n"))
 
 
-def _new_text_part(text: str, subtype: str) -> MIMEPart:
-    """A UTF-8 body part, 7bit when the text allows it and quoted-printable otherwise."""
+def new_text_part(text: str, subtype: str) -> MIMEPart:
+    """A UTF-8 body part: 7bit when the text allows it, else the shorter transfer encoding.
+
+    Quoted-printable writes a non-ASCII byte in three, base64 every byte in
+    4/3: for mostly-ASCII text (German, French) quoted-printable is shorter
+    and stays readable in the source; once more than a sixth of the bytes are
+    non-ASCII (Chinese, Greek), base64 is shorter.
+    """
     part = MIMEPart(policy=POLICY)
     part["Content-Type"] = f"text/{subtype}"
+    data = text.encode("utf-8", "surrogateescape")
+    if 6 * sum(byte > 0x7F for byte in data) > len(data):
+        part["Content-Transfer-Encoding"] = "base64"
     write_text(part, text, "utf-8")
     return part
 
@@ -362,7 +372,7 @@ def _add_text_alternative(tree: EmailMessage) -> bool:
     if source is None:
         return False
     text = html_to_text(read_text(source))
-    return _add_alternative(tree, source, _new_text_part(text, "plain"), first=True)
+    return _add_alternative(tree, source, new_text_part(text, "plain"), first=True)
 
 
 def _add_html_alternative(tree: EmailMessage) -> bool:
@@ -370,7 +380,7 @@ def _add_html_alternative(tree: EmailMessage) -> bool:
     if source is None or _first_body_part(tree, "html") is not None:
         return False
     page = text_to_html(read_text(source))
-    return _add_alternative(tree, source, _new_text_part(page, "html"), first=False)
+    return _add_alternative(tree, source, new_text_part(page, "html"), first=False)
 
 
 def _subject_from_title(tree: EmailMessage) -> bool:

@@ -20,7 +20,9 @@ field must not fail the whole send. StrictUndefined would be stricter than
 what customers know.
 
 Every failure, syntax or runtime, becomes InvalidInput("template 'NAME': line
-N: what"), which the delivery worker records as that recipient's failure.
+N: what"), or "template 'NAME' (PART): ..." when the caller names which of a
+stored template's sources (subject, html, text) it is; the delivery worker
+records it as that recipient's failure.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from postlane.errors import InvalidInput
 
-__all__ = ["MAX_OUTPUT_CHARS", "render_template"]
+__all__ = ["MAX_OUTPUT_CHARS", "check_template", "render_template"]
 
 MAX_OUTPUT_CHARS: Final = 10_000_000
 """More output than this is a runaway loop, not an email (providers cap at 25-50 MB)."""
@@ -85,28 +87,29 @@ _ENVIRONMENTS: Final = {
 
 
 def render_template(
-    source: str, variables: Mapping[str, Any], *, name: str = "template", html: bool = True
+    source: str,
+    variables: Mapping[str, Any],
+    *,
+    name: str = "template",
+    html: bool = True,
+    part: str | None = None,
 ) -> str:
-    """``source`` rendered with ``variables``; ``name`` is used in error messages.
+    """``source`` rendered with ``variables``; ``name`` and ``part`` are for error messages.
 
     ``html`` turns autoescaping on, so a variable holding ``<b>`` shows as
     text in an HTML body; pass False for a text/plain body or a Subject,
     where escaping would show ``&amp;`` to the reader. Compiled templates are
     cached, since one template is rendered once for every recipient.
     """
-    try:
-        template = _compile(source, html)
-    except TemplateSyntaxError as exc:
-        raise InvalidInput(f"template {name!r}: line {exc.lineno}: {exc.message}") from None
+    label = _label(name, part)
+    template = _compiled(label, source, html)
     written = 0
     chunks: list[str] = []
     try:
         for chunk in template.generate(dict(variables)):
             written += len(chunk)
             if written > MAX_OUTPUT_CHARS:
-                raise InvalidInput(
-                    f"template {name!r}: output is longer than {MAX_OUTPUT_CHARS} characters"
-                )
+                raise InvalidInput(f"{label}: output is longer than {MAX_OUTPUT_CHARS} characters")
             chunks.append(chunk)
     except InvalidInput:
         raise
@@ -114,8 +117,31 @@ def render_template(
         # A template can fail in any way Python code can (a SecurityError, an
         # undefined call, 1/0, a TypeError); each is the template's fault and
         # fails this recipient, not the worker.
-        raise InvalidInput(_runtime_problem(name, exc)) from None
+        raise InvalidInput(_runtime_problem(label, exc)) from None
     return "".join(chunks)
+
+
+def check_template(name: str, source: str, html: bool, *, part: str | None = None) -> None:
+    """Refuse ``source`` now if it cannot compile, so a stored template has no syntax errors.
+
+    Storing is the moment the author is there to fix it; the same error at
+    delivery would fail every recipient of a send. Runtime errors (a call on
+    a missing value, 1/0) depend on the variables and can only be found then.
+    """
+    _compiled(_label(name, part), source, html)
+
+
+def _label(name: str, part: str | None) -> str:
+    """How errors name the template: ``template 'welcome'``, with the part if one is named
+    (``template 'welcome' (html)``), since one template has up to three sources."""
+    return f"template {name!r}" + (f" ({part})" if part else "")
+
+
+def _compiled(label: str, source: str, html: bool) -> Template:
+    try:
+        return _compile(source, html)
+    except TemplateSyntaxError as exc:
+        raise InvalidInput(f"{label}: line {exc.lineno}: {exc.message}") from None
 
 
 @functools.lru_cache(maxsize=_COMPILED_CACHE)
@@ -123,12 +149,12 @@ def _compile(source: str, html: bool) -> Template:
     return _ENVIRONMENTS[html].from_string(source)
 
 
-def _runtime_problem(name: str, exc: Exception) -> str:
+def _runtime_problem(label: str, exc: Exception) -> str:
     """The error message, with the template line Jinja's traceback rewriting points at."""
     what = str(exc) or type(exc).__name__
     line = _template_line(exc.__traceback__)
     where = f"line {line}: " if line is not None else ""
-    return f"template {name!r}: {where}{what}"
+    return f"{label}: {where}{what}"
 
 
 def _template_line(tb: TracebackType | None) -> int | None:

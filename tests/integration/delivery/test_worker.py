@@ -16,11 +16,14 @@ conftest's test CA certifies, so required TLS can verify it);
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import ssl
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,10 +38,12 @@ from postlane.delivery.mta_sts import MtaStsCache
 from postlane.delivery.resolver import Resolver
 from postlane.delivery.shaping import Shaper, load_rules
 from postlane.delivery.worker import VERP_KEY_PURPOSE, DeliveryWorker
+from postlane.options import SendOptions, from_headers
 from postlane.smtp import protocol as p
 from postlane.store import Database, queue, upgrade
 from postlane.store import messages as message_store
 from postlane.store import suppressions as suppression_store
+from postlane.store import templates as template_store
 from postlane.store.domains import SendingDomain
 from postlane.store.intake import NewMessage, NewRecipient, insert_messages
 from postlane.tenants import admin
@@ -431,16 +436,79 @@ def test_suppressed_address_is_not_sent(env: Env) -> None:
     ]
 
 
-def test_template_fails_only_that_message(env: Env) -> None:
-    template_id = env.message("ann@example.test", options={"template": "welcome"})
-    plain_id = env.message("bob@example.test")
+def put_welcome(env: Env) -> None:
+    with env.db.begin() as conn:
+        template_store.put_template(
+            conn,
+            env.account_id,
+            "welcome",
+            subject="Welcome, {{ name }}",
+            html="<p>Hello {{ name }}, your plan: {{ plan }}</p>",
+            text="Hello {{ name }}, your plan: {{ plan }}",
+        )
+
+
+def test_template_named_in_the_headers_is_rendered_and_signed(env: Env) -> None:
+    put_welcome(env)
+    parsed = from_headers(
+        [
+            ("X-OV-Template", "welcome"),
+            ("X-OV-Template-Variables", '{"name": "Ann"}'),
+            ("X-OV-Variables", '{"name": "general", "plan": "pro"}'),
+        ],
+        tz=UTC,
+    )
+    message_id = env.message(
+        "ann@example.test", options=SendOptions().layer(parsed.partial).to_json()
+    )
     receiver = Receiver()
     run(deliver(env, receiver))
 
-    failed = env.recipients(template_id)["ann@example.test"]
+    assert env.recipients(message_id)["ann@example.test"].status == "delivered"
+    (received,) = receiver.messages
+    assert dkim.verify(received.data, dnsfunc=env.dkim_dns())
+    copy = BytesParser(policy=email.policy.default).parsebytes(received.data)
+    assert isinstance(copy, EmailMessage)
+    assert copy["Subject"] == "Welcome, Ann"
+    text, page = copy.iter_parts()
+    assert text.get_content().strip() == "Hello Ann, your plan: pro"
+    assert page.get_content().strip() == "<p>Hello Ann, your plan: pro</p>"
+    assert b"Hello there." not in received.data  # the body the client sent was replaced
+
+
+def test_missing_template_fails_only_its_recipients(env: Env) -> None:
+    put_welcome(env)
+    missing_id = env.message("ann@example.test", "bob@example.test", options={"template": "x"})
+    welcome_id = env.message("carl@example.test", options={"template": "Welcome"})
+    plain_id = env.message("dora@example.test")
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    for failed in env.recipients(missing_id).values():
+        assert failed.status == "failed"
+        assert failed.last_reply == "template 'x' does not exist for this account"
+    reasons = [e.data for e in env.events(missing_id, "failed")]
+    assert len(reasons) == 2 and all(r["stage"] == "render" for r in reasons)
+    assert {r["reason"] for r in reasons} == {"template 'x' does not exist for this account"}
+    assert env.recipients(welcome_id)["carl@example.test"].status == "delivered"
+    assert env.recipients(plain_id)["dora@example.test"].status == "delivered"
+    assert sorted(m.recipients for m in receiver.messages) == [
+        ("carl@example.test",),
+        ("dora@example.test",),
+    ]
+
+
+def test_a_template_that_fails_to_render_fails_with_its_line(env: Env) -> None:
+    with env.db.begin() as conn:
+        template_store.put_template(conn, env.account_id, "broken", text="ok\n{{ 1 / n }}")
+    message_id = env.message(
+        "ann@example.test", options={"template": "broken", "template_variables": {"n": 0}}
+    )
+    run(deliver(env, Receiver()))
+
+    failed = env.recipients(message_id)["ann@example.test"]
     assert failed.status == "failed"
-    assert failed.last_reply is not None and "templates are not stored yet" in failed.last_reply
-    assert env.recipients(plain_id)["bob@example.test"].status == "delivered"
+    assert failed.last_reply == "template 'broken' (text): line 2: division by zero"
 
 
 def test_unaligned_from_is_signed_by_the_accounts_domain(env: Env) -> None:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postlane.delivery import compose as compose_module
-from postlane.delivery.compose import TEMPLATES_NOT_STORED, compose
+from postlane.delivery.compose import compose
 from postlane.errors import InvalidInput
 from postlane.options.model import SendOptions
 from postlane.render.dkim import DkimKey
@@ -204,8 +204,8 @@ def test_keep_to_keeps_the_jobs_to() -> None:
     assert message["Bcc"] is None
 
 
-def test_template_fails_with_a_clear_reason() -> None:
-    with pytest.raises(InvalidInput, match=TEMPLATES_NOT_STORED):
+def test_a_template_the_account_does_not_have_fails_with_a_clear_reason() -> None:
+    with pytest.raises(InvalidInput, match=r"^template 'welcome' does not exist for this account$"):
         compose(
             PLAIN,
             recipient="ann@example.test",

@@ -7,7 +7,7 @@ import pytest
 from postlane.errors import InvalidInput
 from postlane.options.model import SendOptions
 from postlane.render import templates
-from postlane.render.templates import render_template
+from postlane.render.templates import check_template, render_template
 
 
 def test_renders_variables() -> None:
@@ -47,6 +47,24 @@ def test_the_same_template_renders_each_recipient_on_its_own_values() -> None:
 def test_syntax_error_names_template_and_line() -> None:
     with pytest.raises(InvalidInput, match=r"^template 'welcome': line 3: "):
         render_template("one\ntwo\n{% for %}", {}, name="welcome")
+
+
+def test_check_refuses_a_syntax_error_with_its_line() -> None:
+    with pytest.raises(InvalidInput, match=r"^template 'news/1': line 2: .*'endif'"):
+        check_template("news/1", "<p>\n{% if x %}</p>", html=True)
+    with pytest.raises(InvalidInput, match=r"^template 'news/1' \(subject\): line 1: "):
+        check_template("news/1", "{{ name ", html=False, part="subject")
+
+
+def test_render_errors_name_the_part() -> None:
+    with pytest.raises(InvalidInput, match=r"^template 'welcome' \(text\): line 2: division by"):
+        render_template("one\n{{ 1 / 0 }}", {}, name="welcome", html=False, part="text")
+
+
+def test_check_accepts_what_only_fails_at_render_time() -> None:
+    check_template("welcome", "{{ 1 / 0 }} {{ missing.call() }}", html=True)
+    with pytest.raises(InvalidInput, match="division by zero"):
+        render_template("{{ 1 / 0 }}", {}, name="welcome")
 
 
 def test_runtime_error_names_template_and_line() -> None:
