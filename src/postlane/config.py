@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from postlane.errors import ConfigError
@@ -174,7 +175,51 @@ def _check_host(value: str, key: str) -> str:
     return host
 
 
-class TransportSettings(_Section):
+class _RelayAuthSettings(_Section):
+    """AUTH at a relay: shared by transports and the smarthost.
+
+    Why ``allow_plaintext_auth`` exists and is off: the password would cross
+    the network readable by anyone on the path. A relay on the same host or
+    a private link may still need it; that is for the operator to say.
+    """
+
+    username: str | None = Field(
+        None, description="User name for AUTH (PLAIN or LOGIN) at host; needs password"
+    )
+    password: SecretStr | None = Field(
+        None, description="Password for username; masked by 'postlane config show'"
+    )
+    allow_plaintext_auth: bool = Field(
+        False,
+        description="Send the credentials even without TLS (tls = 'none', or STARTTLS "
+        "not offered); otherwise such a connection is given up and the mail deferred",
+    )
+
+    @field_validator("username", "password")
+    @classmethod
+    def _valid_credential(cls, value: str | SecretStr | None) -> str | SecretStr | None:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is not None and not text:
+            raise ValueError("must not be empty")
+        if text is not None and "\0" in text:
+            raise ValueError("must not contain a NUL character")
+        return value
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> _RelayAuthSettings:
+        if (self.username is None) != (self.password is None):
+            given, missing = (
+                ("username", "password") if self.password is None else ("password", "username")
+            )
+            raise PydanticCustomError(
+                "required_with",
+                "{missing} is required when {given} is set",
+                {"missing": missing, "given": given},
+            )
+        return self
+
+
+class TransportSettings(_RelayAuthSettings):
     """Where one recipient domain's mail goes instead of its MX hosts.
 
     Why: mail for a partner or an internal domain often has to go through a
@@ -215,13 +260,8 @@ class TransportSettings(_Section):
         return _check_host(value, "host")
 
 
-class SmarthostSettings(_Section):
-    """The relay every domain without a transport goes through.
-
-    No ``username``/``password``: the outbound client cannot AUTH yet, so a
-    relay that demands it cannot be used; accepting credentials that are
-    never sent would hide that.
-    """
+class SmarthostSettings(_RelayAuthSettings):
+    """The relay every domain without a transport goes through."""
 
     host: str = Field(description="Host name or IP address of the relay; no MX lookup")
     port: int = Field(25, ge=1, le=65535, description="TCP port of the relay")
@@ -444,6 +484,21 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
 
 
+def _is_secret(key: str) -> bool:
+    return "secret" in key or key.rsplit(".", 1)[-1] == "password"
+
+
+def _masked(value: Any, key: str) -> Any:
+    """``value`` for an error message, with every secret in it (nested ones too) masked."""
+    if isinstance(value, SecretStr) or (_is_secret(key) and value is not None):
+        return "***"
+    if isinstance(value, dict):
+        return {k: _masked(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, key) for v in value]
+    return value
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
@@ -451,10 +506,13 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown setting {key!r}"
     if error["type"] == "missing":
         return f"setting {key!r} is required"
-    value = error.get("input")
-    if isinstance(value, SecretStr) or "secret" in key:
-        value = "***"
-    return f"setting {key!r} = {value!r}: {message}"
+    if error["type"] == "required_with":
+        context = error.get("ctx") or {}
+        return (
+            f"setting '{key}.{context['missing']}' is required "
+            f"when '{key}.{context['given']}' is set"
+        )
+    return f"setting {key!r} = {_masked(error.get('input'), key)!r}: {message}"
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -478,6 +536,10 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
     if settings.secret_key is not None:
         data["secret_key"] = "***"
     data["database_url"] = mask_url(settings.effective_database_url)
+    delivery = data["delivery"]
+    for relay in [*delivery["transports"], delivery["smarthost"]]:
+        if relay is not None and relay.get("password") is not None:
+            relay["password"] = "***"
     return data
 
 

@@ -137,6 +137,24 @@ def test_init_and_config_show(run: Run, tmp_path: Path) -> None:
     fails(run("--config", str(bad), "config", "show"), "'smtp.max_recipients' = -1")
 
 
+def test_config_show_masks_relay_passwords(run: Run, tmp_path: Path) -> None:
+    relay = tmp_path / "relay.toml"
+    relay.write_text(
+        "[delivery.smarthost]\nhost = 'relay.test'\nport = 587\n"
+        "username = 'postlane'\npassword = 'hunter2'\n"
+    )
+    shown = ok(run("--config", str(relay), "config", "show"))
+    assert "hunter2" not in shown
+    assert 'username = "postlane"\npassword = "***"' in shown
+    half = tmp_path / "half.toml"
+    half.write_text("[delivery.smarthost]\nhost = 'relay.test'\npassword = 'hunter2'\n")
+    fails(
+        run("--config", str(half), "config", "show"),
+        "setting 'delivery.smarthost.username' is required "
+        "when 'delivery.smarthost.password' is set",
+    )
+
+
 def test_db_upgrade_reports_revision(run: Run) -> None:
     assert "database at revision 0003" in ok(run("db", "upgrade"))
 

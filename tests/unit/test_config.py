@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,7 @@ def test_effective_settings_mask_secrets(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def _keys(model: type, prefix: str = "") -> list[str]:
+    """Every settings key, with those of optional sections and arrays of tables."""
     from pydantic import BaseModel
 
     keys = []
@@ -125,10 +127,17 @@ def _keys(model: type, prefix: str = "") -> list[str]:
         ann = info.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _keys(ann, f"{prefix}{name}.")
-        elif name == "listeners":
-            keys += _keys(config.ListenerSettings, f"{prefix}listeners.")
-        else:
+            continue
+        # list[Section] ([[...]]) and Section | None ([...], unset by default)
+        sections = [
+            inner
+            for inner in typing.get_args(ann)
+            if isinstance(inner, type) and issubclass(inner, BaseModel)
+        ]
+        if not sections:
             keys.append(f"{prefix}{name}")
+        for section in sections:
+            keys += _keys(section, f"{prefix}{name}.")
     return keys
 
 
@@ -185,8 +194,30 @@ def test_every_key_is_documented() -> None:
             "'delivery.smarthost.tls' = 'starttls'",
         ),
         (
-            "[delivery.smarthost]\nhost = 'relay.test'\nusername = 'u'\npassword = 'p'\n",
-            "unknown setting 'delivery.smarthost.username'",  # no outbound AUTH yet
+            "[delivery.smarthost]\nhost = 'relay.test'\nuser = 'u'\npassword = 'p'\n",
+            "unknown setting 'delivery.smarthost.user'",
+        ),
+        (
+            "[delivery.smarthost]\nhost = 'relay.test'\nusername = 'u'\n",
+            "setting 'delivery.smarthost.password' is required "
+            "when 'delivery.smarthost.username' is set",
+        ),
+        (
+            "[[delivery.transports]]\ndomain = 'a.test'\nhost = 'gw.test'\npassword = 'p'\n",
+            "setting 'delivery.transports.0.username' is required "
+            "when 'delivery.transports.0.password' is set",
+        ),
+        (
+            "[delivery.smarthost]\nhost = 'relay.test'\nusername = ''\npassword = 'p'\n",
+            "setting 'delivery.smarthost.username' = '': must not be empty",
+        ),
+        (
+            "[delivery.smarthost]\nhost = 'relay.test'\nusername = 'u'\npassword = \"a\\u0000b\"\n",
+            "setting 'delivery.smarthost.password' = '***': must not contain a NUL",
+        ),
+        (
+            "[delivery.smarthost]\nhost = 'relay.test'\nallow_plaintext_auth = 'maybe'\n",
+            "'delivery.smarthost.allow_plaintext_auth' = 'maybe'",
         ),
     ],
 )
@@ -213,3 +244,81 @@ def test_delivery_routes_are_normalised(tmp_path: Path) -> None:
     assert delivery.smarthost is not None
     assert (delivery.smarthost.host, delivery.smarthost.port) == ("relay.test", 587)
     assert delivery.mta_sts is True
+    # No credentials unless given; never AUTH in plaintext unless allowed.
+    for relay in (*delivery.transports, delivery.smarthost):
+        assert (relay.username, relay.password, relay.allow_plaintext_auth) == (None, None, False)
+
+
+RELAY_WITH_CREDENTIALS = """
+[[delivery.transports]]
+domain = "partner.test"
+host = "gw.partner.test"
+tls = "none"
+username = "postlane"
+password = "transport-secret"
+allow_plaintext_auth = true
+
+[delivery.smarthost]
+host = "relay.test"
+port = 587
+username = "postlane@relay.test"
+password = "smarthost-secret"
+"""
+
+
+def test_relay_credentials_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(RELAY_WITH_CREDENTIALS)
+    delivery = config.load_settings(path).delivery
+    transport, smarthost = delivery.transports[0], delivery.smarthost
+    assert smarthost is not None
+    assert transport.username == "postlane" and transport.allow_plaintext_auth is True
+    assert transport.password is not None
+    assert transport.password.get_secret_value() == "transport-secret"
+    assert smarthost.username == "postlane@relay.test"
+    assert smarthost.password is not None
+    assert smarthost.password.get_secret_value() == "smarthost-secret"
+    assert smarthost.allow_plaintext_auth is False
+    assert "smarthost-secret" not in repr(smarthost)
+
+
+def test_relay_password_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept out of the file, e.g. from a secret store: the environment fills it in."""
+    path = tmp_path / "relay.toml"
+    path.write_text("[delivery.smarthost]\nhost = 'relay.test'\nusername = 'u'\n")
+    monkeypatch.setenv("POSTLANE_DELIVERY__SMARTHOST__PASSWORD", "from-env")
+    smarthost = config.load_settings(path).delivery.smarthost
+    assert smarthost is not None and smarthost.password is not None
+    assert smarthost.password.get_secret_value() == "from-env"
+
+
+def test_effective_settings_mask_relay_passwords(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(RELAY_WITH_CREDENTIALS)
+    text = config.to_toml(config.effective_settings(config.load_settings(path)))
+    assert "transport-secret" not in text and "smarthost-secret" not in text
+    shown = tomllib.loads(text)["delivery"]
+    assert shown["smarthost"]["password"] == "***"
+    assert shown["smarthost"]["username"] == "postlane@relay.test"
+    assert shown["transports"][0]["password"] == "***"
+    assert shown["transports"][0]["allow_plaintext_auth"] is True
+
+
+def test_an_error_about_a_list_of_transports_does_not_show_their_passwords(
+    tmp_path: Path,
+) -> None:
+    """The duplicate check quotes the whole list; the passwords in it are masked."""
+    entry = "[[delivery.transports]]\ndomain = 'a.test'\nhost = 'gw.test'\n"
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        f"{entry}username = 'u'\npassword = 'hunter2'\n"
+        f"{entry}username = 'v'\npassword = 'swordfish'\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load_settings(path)
+    message = str(info.value)
+    assert "domain 'a.test' has more than one transport" in message
+    assert "hunter2" not in message and "swordfish" not in message
+    assert "'password': '***'" in message

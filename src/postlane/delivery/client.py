@@ -23,11 +23,19 @@ TLS policy, as Postfix's ``smtp_tls_security_level`` names it:
   given context; otherwise :class:`TlsRequired`.
 - ``"none"``: never STARTTLS.
 
+AUTH (to a relay; ``credentials``) comes after TLS, so the mechanisms are the
+ones offered inside it and the password is encrypted. Without TLS at that
+point (``tls="none"``, or STARTTLS not offered or refused) the credentials are
+not sent unless ``allow_plaintext_auth``: :class:`AuthenticationFailed`. So is
+a server that refuses them, offers no AUTH or no mechanism we speak.
+
 Errors are :class:`OutboundError` subclasses, all temporary (the worker tries
-the next MX host, then retries later). A connection lost *during* a transaction
-is not raised from ``send()``: its :class:`TransactionResult` says so per
-recipient (``451 4.4.2``, or the server's ``421``), because replies that did
-arrive, like a 550 for one recipient, are real answers worth keeping.
+the next MX host, then retries later) except an AUTH refused with a 5xx: the
+same credentials will not work later either, and the caller decides what that
+means for the mail. A connection lost *during* a transaction is not raised
+from ``send()``: its :class:`TransactionResult` says so per recipient
+(``451 4.4.2``, or the server's ``421``), because replies that did arrive,
+like a 550 for one recipient, are real answers worth keeping.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from types import TracebackType
 from typing import Literal, TypeVar, cast
 
 from postlane.delivery.client_protocol import (
+    Authenticated,
+    AuthFailed,
     Capabilities,
     ClientConnection,
     Closed,
@@ -49,9 +59,11 @@ from postlane.delivery.client_protocol import (
     TlsReady,
     TransactionResult,
 )
+from postlane.delivery.sasl import Credentials
 from postlane.errors import PostlaneError
 
 __all__ = [
+    "AuthenticationFailed",
     "CommandTimeout",
     "ConnectFailed",
     "ConnectTimeout",
@@ -75,8 +87,8 @@ class OutboundError(PostlaneError):
     """Delivery to one host failed at the connection level.
 
     ``reason`` is a sentence for logs and events; ``status`` the RFC 3463 code
-    to record; ``reply`` the server's reply when one caused it. Every error
-    here is ``temporary``: the worker tries the next MX host, then later.
+    to record; ``reply`` the server's reply when one caused it. ``temporary``
+    except for :class:`AuthenticationFailed` with a 5xx.
     """
 
     status = "4.4.0"
@@ -150,6 +162,18 @@ class TlsRequired(OutboundError):
     status = "4.7.5"
 
 
+class AuthenticationFailed(OutboundError):
+    """AUTH with the given credentials did not succeed; the session is over.
+
+    ``reply`` is the server's refusal, or None when the credentials were not
+    sent (no TLS without ``allow_plaintext_auth``, no AUTH offered, no
+    mechanism in common). Permanent (``temporary`` False) only for a 5xx
+    refusal, such as ``535 5.7.8`` for a wrong password.
+    """
+
+    status = "4.7.0"
+
+
 @functools.cache
 def _unverified_context() -> ssl.SSLContext:
     """Opportunistic TLS: encrypt, verify nothing (Postfix ``may``)."""
@@ -186,6 +210,7 @@ class _Session(asyncio.Protocol):
         self._last_io = self._loop.time()
         self._ready: asyncio.Future[Capabilities] = self._loop.create_future()
         self._tls: asyncio.Future[TlsReady | Reply] | None = None
+        self._auth: asyncio.Future[Authenticated | AuthFailed] | None = None
         self.sends: deque[asyncio.Future[TransactionResult]] = deque()
         self.resets: deque[asyncio.Future[Reply]] = deque()
         self._quit: asyncio.Future[None] | None = None
@@ -239,6 +264,9 @@ class _Session(asyncio.Protocol):
             elif isinstance(event, TlsReady):
                 if self._tls is not None:
                     _resolve(self._tls, event)
+            elif isinstance(event, Authenticated | AuthFailed):
+                if self._auth is not None:
+                    _resolve(self._auth, event)
             elif isinstance(event, Greeting):
                 self.greeting = event
             else:
@@ -247,7 +275,7 @@ class _Session(asyncio.Protocol):
 
     def _on_closed(self, event: Closed) -> None:
         self.closed = event
-        for future in (self._ready, self._tls, *self.resets, *self.sends):
+        for future in (self._ready, self._tls, self._auth, *self.resets, *self.sends):
             if future is not None and not future.done():
                 future.set_exception(self.error())
                 future.exception()  # nobody may be waiting; do not log it as unretrieved
@@ -352,6 +380,17 @@ class _Session(asyncio.Protocol):
         self.engine.tls_established()
         self.flush()
 
+    async def authenticate(
+        self, credentials: Credentials, allow_plaintext_auth: bool
+    ) -> Authenticated | AuthFailed:
+        self._auth = self._loop.create_future()
+        self.engine.authenticate(credentials, allow_plaintext_auth=allow_plaintext_auth)
+        self.pump()  # a refusal before anything is sent (no TLS) is there already
+        try:
+            return await self._auth
+        finally:
+            self._auth = None
+
     async def quit(self) -> None:
         self._quit = self._loop.create_future()
         self.engine.quit()
@@ -396,6 +435,11 @@ class OutboundConnection:
     def tls_cipher(self) -> str | None:
         """Like "TLS_AES_256_GCM_SHA384"; None without TLS. Still known after close()."""
         return self._session.tls_cipher
+
+    @property
+    def auth_mechanism(self) -> str | None:
+        """The SASL mechanism AUTH succeeded with ("PLAIN", "LOGIN"); None without AUTH."""
+        return self._session.engine.auth_mechanism
 
     @property
     def messages_sent(self) -> int:
@@ -496,14 +540,17 @@ async def connect(
     connect_timeout: float = 30.0,
     command_timeout: float = 300.0,
     source_address: str | None = None,
+    credentials: Credentials | None = None,
+    allow_plaintext_auth: bool = False,
 ) -> OutboundConnection:
-    """Connect to ``host`` (an address, usually), greet, and STARTTLS per ``tls``.
+    """Connect to ``host`` (an address, usually), greet, STARTTLS per ``tls``, then AUTH.
 
     ``server_hostname`` is the MX host name: it is sent in SNI and, with
     ``tls="required"``, the certificate must be valid for it. ``ssl_context``
     replaces the system CA store for required TLS (opportunistic TLS verifies
     nothing). ``command_timeout`` bounds every wait for the server, including
-    the greeting and the TLS handshake.
+    the greeting and the TLS handshake. With ``credentials`` the connection is
+    returned only once authenticated, else :class:`AuthenticationFailed`.
     """
     loop = asyncio.get_running_loop()
     label = host if host == server_hostname else f"{server_hostname}[{host}]"
@@ -524,6 +571,8 @@ async def connect(
         capabilities = await session.ready()
         if tls != "none":
             await _negotiate_tls(session, capabilities, tls, server_hostname, ssl_context)
+        if credentials is not None:
+            await _authenticate(session, credentials, allow_plaintext_auth)
     except BaseException:
         session.abort("connection abandoned during setup")
         raise
@@ -579,3 +628,23 @@ async def _negotiate_tls(
         raise session.error()
     session.tls_established(new_transport)
     await session.ready()
+
+
+async def _authenticate(
+    session: _Session, credentials: Credentials, allow_plaintext_auth: bool
+) -> None:
+    """AUTH, or :class:`AuthenticationFailed` saying why (the engine has ended the session)."""
+    answer = await session.authenticate(credentials, allow_plaintext_auth)
+    if isinstance(answer, Authenticated):
+        return
+    reply = answer.reply
+    if reply is None:
+        detail, status = answer.reason, None
+    else:
+        detail, status = str(reply), reply.enhanced or f"{reply.code // 100}.7.0"
+    raise AuthenticationFailed(
+        f"authentication to {session.label} failed: {detail}",
+        temporary=answer.temporary,
+        status=status,
+        reply=reply,
+    )

@@ -56,6 +56,15 @@ What it does, and why:
   session is ended rather than read them as if they came over TLS. After the
   handshake everything learnt before it is forgotten and ``EHLO`` is sent again
   (RFC 3207 §4.2).
+- **AUTH** (RFC 4954), when the driver asks with :meth:`ClientConnection.authenticate`
+  (after STARTTLS, so the mechanisms come from the EHLO inside TLS): PLAIN
+  with an initial response, else LOGIN's two challenges. The credentials are
+  not sent at all without TLS unless ``allow_plaintext_auth`` says so. AUTH
+  ends a pipelined group even where RFC 4954 §4 would let PLAIN lead one:
+  a MAIL sent behind a refused AUTH would be refused as a relay attempt, a
+  5xx the recipient would pay for. If AUTH fails the session ends (QUIT when
+  the server is still listening): mail must not go out unauthenticated, and
+  work queued behind it gets a local ``451 4.7.0``, never the server's 535.
 """
 
 from __future__ import annotations
@@ -66,9 +75,19 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from postlane.delivery.sasl import (
+    Credentials,
+    choose_mechanism,
+    decode_challenge,
+    login_response,
+    offered_mechanisms,
+    plain_response,
+)
 from postlane.smtp.addresses import AddressError, split_path
 
 __all__ = [
+    "AuthFailed",
+    "Authenticated",
     "Capabilities",
     "ClientConnection",
     "Closed",
@@ -101,9 +120,11 @@ class Reply:
 
     As an event, one comes for every command answered, except where a more
     specific event says it all: an accepted EHLO/HELO is :class:`Capabilities`,
-    the 220 to STARTTLS is :class:`TlsReady`, a reply that ends the session is
-    in :class:`Closed`, and the RSET the engine sends on its own before a MAIL
-    is not reported (so every RSET reply seen answers a reset() call).
+    the 220 to STARTTLS is :class:`TlsReady`, the AUTH dialogue is summed up
+    in :class:`Authenticated` or :class:`AuthFailed`, a reply that ends the
+    session is in :class:`Closed`, and the RSET the engine sends on its own
+    before a MAIL is not reported (so every RSET reply seen answers a reset()
+    call).
     """
 
     code: int
@@ -152,6 +173,32 @@ class TlsReady:
 
 
 @dataclass(frozen=True, slots=True)
+class Authenticated:
+    """The server said 235 to AUTH: mail may go out; ``mechanism`` is the one used."""
+
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    """AUTH did not succeed, and :class:`Closed` follows.
+
+    ``reply`` is the server's refusal (535, 454...); None when the engine did
+    not send the credentials (no TLS, no AUTH offered, no mechanism in common)
+    or the server answered out of turn. ``reason`` says which, never with a
+    credential in it.
+    """
+
+    reason: str
+    reply: Reply | None = None
+
+    @property
+    def temporary(self) -> bool:
+        """False only for the server's 5xx: the same credentials will not do better later."""
+        return self.reply is None or self.reply.code < 500
+
+
+@dataclass(frozen=True, slots=True)
 class TransactionResult:
     """The outcome of one send_message(), reported in the order they were called.
 
@@ -191,7 +238,16 @@ class Closed:
     reply: Reply | None = None
 
 
-Event = Greeting | Capabilities | TlsReady | Reply | TransactionResult | Closed
+Event = (
+    Greeting
+    | Capabilities
+    | TlsReady
+    | Authenticated
+    | AuthFailed
+    | Reply
+    | TransactionResult
+    | Closed
+)
 
 
 class _Phase(enum.Enum):
@@ -206,6 +262,7 @@ class _Kind(enum.Enum):
     EHLO = "EHLO"
     HELO = "HELO"
     STARTTLS = "STARTTLS"
+    AUTH = "AUTH"
     MAIL = "MAIL FROM"
     RCPT = "RCPT TO"
     DATA = "DATA"
@@ -216,7 +273,8 @@ class _Kind(enum.Enum):
 
 # RFC 2920 §3.1 and RFC 3207 §4.2: these change the session's state, so they
 # end a group and nothing is sent after them until they are answered.
-_GROUP_END = frozenset({_Kind.EHLO, _Kind.HELO, _Kind.STARTTLS, _Kind.DATA, _Kind.QUIT})
+# AUTH too (see the module docstring): its outcome decides whether MAIL may follow.
+_GROUP_END = frozenset({_Kind.EHLO, _Kind.HELO, _Kind.STARTTLS, _Kind.AUTH, _Kind.DATA, _Kind.QUIT})
 
 
 class _Transaction:
@@ -273,7 +331,19 @@ class _Command:
         self.rcpt = rcpt
 
 
-_Job = _Transaction | _Kind
+class _Auth:
+    """One authenticate() from its start to 235 or failure; dropped with its credentials then."""
+
+    __slots__ = ("allow_plaintext", "credentials", "mechanism", "step")
+
+    def __init__(self, credentials: Credentials, allow_plaintext: bool) -> None:
+        self.credentials = credentials
+        self.allow_plaintext = allow_plaintext
+        self.mechanism = ""
+        self.step = 0  # LOGIN challenges answered so far
+
+
+_Job = _Transaction | _Kind | _Auth
 
 
 def _local(code: int, enhanced: str, text: str, command: _Kind) -> Reply:
@@ -316,6 +386,7 @@ class ClientConnection:
 
     __slots__ = (
         "_active",
+        "_auth_asked",
         "_buf",
         "_events",
         "_extensions",
@@ -333,6 +404,7 @@ class ClientConnection:
         "_running",
         "_server_txn_open",
         "_tls",
+        "auth_mechanism",
         "messages_accepted",
     )
 
@@ -351,8 +423,9 @@ class ClientConnection:
         self._pipelining = False
         self._tls = False
         # Jobs not started yet; the started job that still holds the line (a
-        # transaction until its DATA is answered, STARTTLS until the new EHLO);
-        # commands not yet written; commands written and not yet answered.
+        # transaction until its DATA is answered, STARTTLS until the new EHLO,
+        # AUTH until its 235); commands not yet written; commands written and
+        # not yet answered.
         self._jobs: deque[_Job] = deque()
         self._running: _Job | None = None
         self._queue: deque[_Command] = deque()
@@ -361,6 +434,9 @@ class ClientConnection:
         self._active: deque[_Transaction] = deque()
         self._server_txn_open = False  # MAIL accepted and no content sent since
         self._quitting = False
+        self._auth_asked = False
+        # The mechanism AUTH succeeded with; None until then (and without AUTH).
+        self.auth_mechanism: str | None = None
         self.messages_accepted = 0
 
     # -- the driver's side -----------------------------------------------------
@@ -462,6 +538,22 @@ class ClientConnection:
             raise RuntimeError("TLS is already active")
         self._enqueue_job(_Kind.STARTTLS)
 
+    def authenticate(self, credentials: Credentials, *, allow_plaintext_auth: bool = False) -> None:
+        """AUTH after earlier work; :class:`Authenticated`, or :class:`AuthFailed` and the end.
+
+        The mechanism is chosen when the line is free, from the EHLO reply in
+        force then: ask after STARTTLS (even before its handshake), and the
+        list offered inside TLS is used. Without TLS at that moment the
+        credentials are not sent unless ``allow_plaintext_auth``.
+        """
+        self._check_open()
+        if self._auth_asked:
+            raise RuntimeError("AUTH was asked for already; a session authenticates once")
+        self._auth_asked = True
+        self._jobs.append(_Auth(credentials, allow_plaintext_auth))
+        self._start_jobs()
+        self._write()
+
     def quit(self) -> None:
         """Send QUIT after earlier work; :class:`Closed` follows its reply."""
         self._enqueue_job(_Kind.QUIT)
@@ -507,6 +599,8 @@ class ClientConnection:
             job = jobs.popleft()
             if isinstance(job, _Transaction):
                 self._start_transaction(job)
+            elif isinstance(job, _Auth):
+                self._start_auth(job)
             elif job is _Kind.RSET:
                 self._server_txn_open = False
                 self._queue.append(_Command(_Kind.RSET, b"RSET\r\n"))
@@ -735,6 +829,9 @@ class ClientConnection:
         if code == 421:  # RFC 5321 §3.8: any command may be answered so; the server is going
             self._close(f"the server closed the session: {reply}", reply)
             return
+        if kind is _Kind.AUTH:  # 334 challenges included
+            self._auth_reply(reply)
+            return
         if 300 <= code < 400 and kind is not _Kind.DATA:
             self._protocol_error(f"{reply} is not an answer to {kind.value}")
             return
@@ -863,6 +960,91 @@ class ClientConnection:
             self.messages_accepted += 1
         self._finish(txn)
 
+    # -- AUTH -----------------------------------------------------------------------
+
+    def _start_auth(self, auth: _Auth) -> None:
+        if not self._tls and not auth.allow_plaintext:
+            self._auth_failed(
+                "TLS is not active, and credentials are not sent over an unencrypted "
+                "connection unless allow_plaintext_auth is set",
+                quit=True,
+            )
+            return
+        offered = offered_mechanisms(self._extensions)
+        if offered is None:
+            self._auth_failed("the server does not offer AUTH", quit=True)
+            return
+        mechanism = choose_mechanism(offered)
+        if mechanism is None:
+            listed = _CONTROL.sub("?", " ".join(offered))[:200] or "no mechanism"
+            self._auth_failed(
+                f"the server offers AUTH {listed}, none of PLAIN and LOGIN", quit=True
+            )
+            return
+        auth.mechanism = mechanism
+        self._running = auth
+        if mechanism == "PLAIN":
+            line = b"AUTH PLAIN " + plain_response(auth.credentials) + b"\r\n"
+        else:
+            line = b"AUTH LOGIN\r\n"
+        self._queue.append(_Command(_Kind.AUTH, line))
+
+    def _auth_reply(self, reply: Reply) -> None:
+        auth = self._running
+        assert isinstance(auth, _Auth)
+        code = reply.code
+        if code == 235:
+            self._running = None
+            self.auth_mechanism = auth.mechanism
+            self._events.append(Authenticated(auth.mechanism))
+        elif code == 334:
+            self._auth_challenge(auth, reply)
+        elif code >= 400:  # the exchange is over and the server waits for a command
+            self._auth_failed(
+                f"the server refused AUTH {auth.mechanism}: {reply}", reply, quit=True
+            )
+        else:
+            self._auth_failed(
+                f"protocol error: {_show(str(reply).encode())} is not an answer to AUTH"
+            )
+
+    def _auth_challenge(self, auth: _Auth, reply: Reply) -> None:
+        """Answer LOGIN's two challenges; any other 334 ends the session unanswered."""
+        shown = _show(str(reply).encode())
+        if auth.mechanism != "LOGIN":
+            self._auth_failed(
+                f"protocol error: a challenge {shown} after AUTH PLAIN with an initial response"
+            )
+            return
+        if auth.step >= 2:
+            self._auth_failed(
+                f"protocol error: a third challenge {shown} in AUTH LOGIN, "
+                "which asks for a user name and a password only"
+            )
+            return
+        try:
+            decode_challenge(reply.text)
+        except ValueError:
+            self._auth_failed(f"protocol error: the AUTH LOGIN challenge {shown} is not base64")
+            return
+        self._inflight.append(_Command(_Kind.AUTH, b""))
+        self._out.append(login_response(auth.credentials, auth.step) + b"\r\n")
+        auth.step += 1
+
+    def _auth_failed(self, reason: str, reply: Reply | None = None, *, quit: bool = False) -> None:
+        """:class:`AuthFailed`, then the end of the session: nothing goes out unauthenticated.
+
+        ``quit`` when the server waits for a command (it refused, or nothing
+        was sent yet); not in the middle of a SASL exchange, where the server
+        would take QUIT for a response.
+        """
+        self._running = None
+        self._events.append(AuthFailed(reason, reply))
+        if quit:
+            self._out.append(b"QUIT\r\n")
+        why = f"authentication failed: {reason}"
+        self._close(why, reply, _local(451, "4.7.0", why, _Kind.AUTH))
+
     # -- the end --------------------------------------------------------------------
 
     def _protocol_error(self, problem: str) -> None:
@@ -872,7 +1054,9 @@ class ClientConnection:
 
     def _close(self, reason: str, reply: Reply | None, local: Reply | None = None) -> None:
         """End the session: every transaction gets its result, then :class:`Closed`."""
-        closing = reply or local or Reply(451, "4.4.2", reason, local=True)
+        # The local reply, when given, is what unfinished work gets: after a
+        # refused AUTH the server's 535 is about us, not about the recipients.
+        closing = local or reply or Reply(451, "4.4.2", reason, local=True)
         self._phase = _Phase.CLOSED
         for txn in list(self._active):
             if txn.result is None:

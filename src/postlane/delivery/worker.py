@@ -55,7 +55,11 @@ recipient domain (exact first, then the longest ``*.`` suffix), else the
 names one host and port and bypasses the MX lookup: the host is resolved for
 its addresses, or used as given when it is an IP address. Its ``tls`` replaces
 the opportunistic default, but a message that requires TLS is never sent with
-less than ``required``.
+less than ``required``. With ``username`` and ``password`` the worker
+authenticates after STARTTLS (never in plaintext unless the entry allows it)
+and the events say ``"auth": "PLAIN"`` (or ``"LOGIN"``). A failed AUTH defers
+the group's mail, even a 535: a wrong password at the operator's relay is a
+configuration mistake to fix, not the recipients' problem to be told about.
 
 **MTA-STS** (RFC 8461, :mod:`postlane.delivery.mta_sts`, ``delivery.mta_sts``)
 applies to MX delivery only: a policy names the MX hosts a domain allows, and
@@ -69,14 +73,15 @@ mode applied (``mta_sts``; None without a policy). A policy lookup that fails
 without a cached policy means "no policy", as the RFC says.
 
 Not done here yet: TLS checks and reports under MTA-STS ``testing`` (only the
-MX violations are recorded), AUTH to a smarthost (the client has none),
-cluster-wide shaping (limits are per process), DSN generation.
+MX violations are recorded), cluster-wide shaping (limits are per process), DSN
+generation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -101,6 +106,7 @@ from postlane.delivery import verp
 from postlane.delivery.backoff import next_attempt, parse_retry_hint
 from postlane.delivery.bounce_class import BounceKind, classify
 from postlane.delivery.client import (
+    AuthenticationFailed,
     OutboundConnection,
     OutboundError,
     TlsHandshakeFailed,
@@ -113,6 +119,7 @@ from postlane.delivery.connection_cache import ConnectionCache
 from postlane.delivery.mta_sts import MtaStsCache, StsResult, enforce
 from postlane.delivery.resolver import Resolver, to_ascii
 from postlane.delivery.routing import DnsFailure, NullMx, Route
+from postlane.delivery.sasl import Credentials
 from postlane.delivery.shaping import Shaper, load_rules
 from postlane.errors import NotFound, PostlaneError
 from postlane.options.model import SendOptions
@@ -214,6 +221,8 @@ class _Host:
             "tls": connection.tls_version,
             "cipher": connection.tls_cipher,
         }
+        if connection.auth_mechanism is not None:
+            details["auth"] = connection.auth_mechanism
         return cls(connection, mx, details)
 
 
@@ -224,6 +233,7 @@ class _Target:
     ``relay`` is True for a transport, the smarthost or a domain literal: its
     host is not an MX the domain published, so MTA-STS does not apply.
     ``details`` go into every event of a copy sent (or not) over it.
+    ``credentials`` (a transport's or the smarthost's) are for AUTH.
     """
 
     route: Route
@@ -231,6 +241,8 @@ class _Target:
     tls: TlsPolicy | None = None  # None: the group's own policy
     relay: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+    credentials: Credentials | None = None
+    allow_plaintext_auth: bool = False
 
     def tls_for(self, group: TlsPolicy) -> TlsPolicy:
         """The policy to connect with: the target's, but never below a message's ``required``."""
@@ -240,7 +252,7 @@ class _Target:
 
     def connection_key(self, tls: TlsPolicy) -> tuple[Any, ...]:
         """What a cached connection must share to be reused for this target."""
-        return (self.route.hosts, self.port, tls)
+        return (self.route.hosts, self.port, tls, self.credentials, self.allow_plaintext_auth)
 
 
 @dataclass(slots=True)
@@ -893,7 +905,15 @@ class DeliveryWorker:
         if relay is not None:
             label, entry = relay
             route = Route(domain=domain, hosts=(entry.host,))
-            return _Target(route, entry.port, entry.tls, relay=True, details={"transport": label})
+            return _Target(
+                route,
+                entry.port,
+                entry.tls,
+                relay=True,
+                details={"transport": label},
+                credentials=_credentials(entry),
+                allow_plaintext_auth=entry.allow_plaintext_auth,
+            )
         found = await self._route(domain)
         if not isinstance(found, Route):
             return found
@@ -978,7 +998,14 @@ class DeliveryWorker:
                 continue
             for address in addresses:
                 try:
-                    connection = await self._open(address, mx, tls, target.port)
+                    connection = await self._open(
+                        address,
+                        mx,
+                        tls,
+                        target.port,
+                        credentials=target.credentials,
+                        allow_plaintext_auth=target.allow_plaintext_auth,
+                    )
                 except OutboundError as exc:
                     log.info("delivery to %s [%s] failed: %s", mx, address, exc.reason)
                     problem, temporary = exc, True
@@ -994,15 +1021,31 @@ class DeliveryWorker:
             # A relay the operator configured that has no address is a
             # configuration mistake to fix, not a reason to bounce the mail.
             problem = DnsFailure(temporary=True, reason=problem.reason, status="4.4.4")
+        if isinstance(problem, AuthenticationFailed) and not problem.temporary:
+            # Credentials the relay refuses (535) are the same kind of mistake:
+            # deferred, the status's class made 4 to match (5.7.8 -> 4.7.8).
+            problem = AuthenticationFailed(
+                problem.reason, status=f"4{problem.status[1:]}", reply=problem.reply
+            )
         return problem
 
-    async def _open(self, address: str, mx: str, tls: TlsPolicy, port: int) -> OutboundConnection:
+    async def _open(
+        self,
+        address: str,
+        mx: str,
+        tls: TlsPolicy,
+        port: int,
+        *,
+        credentials: Credentials | None = None,
+        allow_plaintext_auth: bool = False,
+    ) -> OutboundConnection:
         """Connect; an opportunistic TLS handshake that fails is retried once in plaintext.
 
         That is Postfix's ``may`` level: unverified TLS only protects against
         passive listening, and refusing to deliver because a server's TLS is
         broken would make that server unreachable. Required TLS is never
-        downgraded.
+        downgraded, nor is a connection whose credentials may not go out in
+        plaintext: the retry could only fail at AUTH, hiding the real problem.
         """
 
         async def attempt(policy: TlsPolicy) -> OutboundConnection:
@@ -1015,12 +1058,14 @@ class DeliveryWorker:
                 ssl_context=self._ssl_context,
                 connect_timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
+                credentials=credentials,
+                allow_plaintext_auth=allow_plaintext_auth,
             )
 
         try:
             return await attempt(tls)
         except TlsHandshakeFailed:
-            if tls != "opportunistic":
+            if tls != "opportunistic" or (credentials is not None and not allow_plaintext_auth):
                 raise
             return await attempt("none")
 
@@ -1250,6 +1295,13 @@ def _transport_table(entries: Sequence[TransportSettings]) -> dict[str, Transpor
     return {entry.domain: entry for entry in entries}
 
 
+def _credentials(entry: TransportSettings | SmarthostSettings) -> Credentials | None:
+    """The entry's AUTH credentials; the settings allow both or neither."""
+    if entry.username is None or entry.password is None:
+        return None
+    return Credentials(entry.username, entry.password.get_secret_value())
+
+
 def _apply_sts(target: _Target, sts: StsResult | None) -> _Target:
     """``target`` limited to the hosts the policy allows, with its TLS demand and the event facts.
 
@@ -1269,7 +1321,7 @@ def _apply_sts(target: _Target, sts: StsResult | None) -> _Target:
         ignored=target.route.ignored,
     )
     tls: TlsPolicy | None = "required" if sts.require_tls else target.tls
-    return _Target(route, target.port, tls, relay=target.relay, details=details)
+    return dataclasses.replace(target, route=route, tls=tls, details=details)
 
 
 def _suppression_check(account_id: int, addresses: list[str]) -> Callable[[Connection], set[str]]:

@@ -3,7 +3,8 @@
 1. Postlane's own server engine (``smtp.protocol.Connection``) behind a tiny
    asyncio listener written here that accepts everything, or refuses what a
    test asks it to: PIPELINING, STARTTLS (opportunistic and required, with a
-   test CA), connection reuse, refusals, a connection dropped mid-transaction.
+   test CA), AUTH (required when the server is given credentials), connection
+   reuse, refusals, a connection dropped mid-transaction.
 2. Postfix's ``smtp-sink``, a real and independent implementation: 1,000
    messages over one connection, no PIPELINING, no STARTTLS, a 421 greeting.
 3. Raw servers for what no well-behaved engine does: a 421 greeting, silence,
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 import ssl
@@ -26,6 +28,7 @@ from typing import Any
 import pytest
 
 from postlane.delivery.client import (
+    AuthenticationFailed,
     CommandTimeout,
     ConnectFailed,
     ConnectionClosed,
@@ -40,6 +43,7 @@ from postlane.delivery.client import (
     TlsRequired,
     connect,
 )
+from postlane.delivery.sasl import Credentials
 from postlane.errors import PostlaneError
 from postlane.smtp import protocol as p
 
@@ -68,6 +72,11 @@ class EngineServer:
 
     tls: ssl.SSLContext | None = None
     refuse: dict[str, p.Reply] = field(default_factory=dict)
+    # (username, password): AUTH required, and only these pass; the others get auth_refusal.
+    credentials: tuple[str, str] | None = None
+    auth_refusal: p.Reply | None = None  # None: the engine's 535 5.7.8
+    plaintext_auth: bool = False  # offer AUTH without TLS too
+    auth_attempts: list[tuple[str, str, bool]] = field(default_factory=list)
     drop_on: str | None = None
     reset_connection: bool = False  # drop_on with a TCP RST instead of a FIN
     messages: list[Received] = field(default_factory=list)
@@ -92,7 +101,10 @@ class _EngineSession(asyncio.Protocol):
     def __init__(self, owner: EngineServer) -> None:
         self.owner = owner
         policy = p.SessionPolicy(
-            MX_NAME, auth_required=False, starttls_available=owner.tls is not None
+            MX_NAME,
+            auth_required=owner.credentials is not None,
+            allow_plaintext_auth=owner.plaintext_auth,
+            starttls_available=owner.tls is not None,
         )
         self.conn = p.Connection(policy)
         self.transport: asyncio.Transport | None = None
@@ -104,6 +116,14 @@ class _EngineSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.owner.sessions += 1
         self.flush()
+
+    def check(self, attempt: p.AuthAttempt) -> None:
+        good = (attempt.username, attempt.password) == self.owner.credentials
+        self.owner.auth_attempts.append((attempt.mechanism, attempt.username, good))
+        if good:
+            self.conn.auth_succeeded(attempt.username)
+        else:
+            self.conn.auth_failed(self.owner.auth_refusal)
 
     def data_received(self, data: bytes) -> None:
         self.owner.reads.append(data)
@@ -141,6 +161,8 @@ class _EngineSession(asyncio.Protocol):
                 self.conn.answer_message(QUEUED)
             elif isinstance(event, p.Reset):
                 self.owner.resets += 1
+            elif isinstance(event, p.AuthAttempt):
+                self.check(event)
             elif isinstance(event, p.StartTLS):
                 self.flush()
                 self.upgrading = True
@@ -243,6 +265,8 @@ async def open_to(
     server_hostname: str = MX_NAME,
     ssl_context: ssl.SSLContext | None = None,
     command_timeout: float = 10,
+    credentials: Credentials | None = None,
+    allow_plaintext_auth: bool = False,
 ) -> OutboundConnection:
     return await connect(
         "127.0.0.1",
@@ -254,6 +278,8 @@ async def open_to(
         connect_timeout=5,
         command_timeout=command_timeout,
         source_address="127.0.0.1",
+        credentials=credentials,
+        allow_plaintext_auth=allow_plaintext_auth,
     )
 
 
@@ -728,6 +754,190 @@ def test_closed_connection_refuses_more_work(run: Runner[Any]) -> None:
         finally:
             await server.stop()
         assert conn.closed and conn.close_reason == "closed after QUIT"
+
+    run(scenario())
+
+
+# -- AUTH to a relay ---------------------------------------------------------------------------
+
+RELAY_USER, RELAY_PASSWORD = "postlane@relay.test", "correct horse battery"
+CREDENTIALS = Credentials(RELAY_USER, RELAY_PASSWORD)
+
+
+def credentials_on_the_wire(reads: list[bytes]) -> bool:
+    """Whether the password went out in any form AUTH would carry it (plain, PLAIN, LOGIN)."""
+    wire = b"".join(reads)
+    secret = RELAY_PASSWORD.encode()
+    forms = (secret, base64.b64encode(secret), base64.b64encode(b"\0" + RELAY_USER.encode()))
+    return any(form in wire for form in forms)
+
+
+def test_auth_plain_after_starttls_then_mail(run: Runner[Any], pki: Pki) -> None:
+    async def scenario() -> None:
+        server = EngineServer(tls=pki.self_signed, credentials=(RELAY_USER, RELAY_PASSWORD))
+        port = await server.start()
+        try:
+            async with await open_to(port, credentials=CREDENTIALS) as conn:
+                assert conn.auth_mechanism == "PLAIN"
+                assert conn.tls_version is not None
+                result = await conn.send(SENDER, ["a@example.com", "b@example.com"], BODY)
+                assert result.delivered == ["a@example.com", "b@example.com"]
+        finally:
+            await server.stop()
+        assert server.auth_attempts == [("PLAIN", RELAY_USER, True)]
+        assert [m.tls for m in server.messages] == [True]
+
+    run(scenario())
+
+
+def test_auth_with_required_tls_verifies_before_sending_the_password(
+    run: Runner[Any], pki: Pki
+) -> None:
+    async def scenario() -> None:
+        server = EngineServer(tls=pki.signed, credentials=(RELAY_USER, RELAY_PASSWORD))
+        port = await server.start()
+        try:
+            conn = await open_to(
+                port, tls="required", ssl_context=pki.client_context(), credentials=CREDENTIALS
+            )
+            assert conn.auth_mechanism == "PLAIN"
+            await conn.close()
+            with pytest.raises(TlsRequired, match="not valid"):  # the system CAs do not know it
+                await open_to(port, tls="required", credentials=CREDENTIALS)
+        finally:
+            await server.stop()
+        assert server.auth_attempts == [("PLAIN", RELAY_USER, True)]  # the first connection only
+
+    run(scenario())
+
+
+def test_wrong_password_is_a_permanent_authentication_failure(run: Runner[Any], pki: Pki) -> None:
+    async def scenario() -> None:
+        server = EngineServer(tls=pki.self_signed, credentials=(RELAY_USER, "something else"))
+        port = await server.start()
+        try:
+            with pytest.raises(AuthenticationFailed) as failed:
+                await open_to(port, credentials=CREDENTIALS)
+            await asyncio.sleep(0.05)
+        finally:
+            await server.stop()
+        error = failed.value
+        assert error.reason == (
+            f"authentication to {MX_NAME}[127.0.0.1]:{port} failed: "
+            "535 5.7.8 Authentication credentials invalid"
+        )
+        assert (error.temporary, error.status) == (False, "5.7.8")
+        assert error.reply is not None and error.reply.code == 535
+        assert isinstance(error, OutboundError)
+        assert server.auth_attempts == [("PLAIN", RELAY_USER, False)]
+        assert server.messages == []
+        assert server.reads[-1].endswith(b"QUIT\r\n")  # the session was fine: a polite goodbye
+
+    run(scenario())
+
+
+def test_temporary_authentication_failure(run: Runner[Any], pki: Pki) -> None:
+    async def scenario() -> None:
+        server = EngineServer(
+            tls=pki.self_signed,
+            credentials=(RELAY_USER, "something else"),
+            auth_refusal=p.Reply(454, "4.7.0", ("Temporary authentication failure",)),
+        )
+        port = await server.start()
+        try:
+            with pytest.raises(
+                AuthenticationFailed, match=re.escape("failed: 454 4.7.0 Temporary")
+            ) as info:
+                await open_to(port, credentials=CREDENTIALS)
+        finally:
+            await server.stop()
+        assert (info.value.temporary, info.value.status) == (True, "4.7.0")
+
+    run(scenario())
+
+
+def test_credentials_are_not_sent_to_a_relay_without_tls(run: Runner[Any]) -> None:
+    async def scenario() -> None:
+        # Offers AUTH in plaintext (and no STARTTLS): the client must still not use it.
+        server = EngineServer(credentials=(RELAY_USER, RELAY_PASSWORD), plaintext_auth=True)
+        port = await server.start()
+        try:
+            for tls in ("opportunistic", "none"):
+                with pytest.raises(AuthenticationFailed, match="TLS is not active") as info:
+                    await open_to(port, tls=tls, credentials=CREDENTIALS)  # type: ignore[arg-type]
+                assert info.value.temporary
+            await asyncio.sleep(0.05)
+            assert not any(b"AUTH" in read for read in server.reads)
+            assert not credentials_on_the_wire(server.reads)
+            # Allowed explicitly: then it authenticates in plaintext.
+            conn = await open_to(port, credentials=CREDENTIALS, allow_plaintext_auth=True)
+            assert conn.auth_mechanism == "PLAIN" and conn.tls_version is None
+            await conn.close()
+        finally:
+            await server.stop()
+        assert server.auth_attempts == [("PLAIN", RELAY_USER, True)]
+
+    run(scenario())
+
+
+def test_auth_login_dialogue_with_a_server_offering_only_login(run: Runner[Any]) -> None:
+    steps = iter(
+        [
+            b"334 VXNlcm5hbWU6\r\n",
+            b"334 UGFzc3dvcmQ6\r\n",
+            b"235 2.7.0 Authentication successful\r\n",
+        ]
+    )
+
+    def respond(data: bytes) -> bytes:
+        if data.startswith(b"EHLO"):
+            return b"250-mx\r\n250-PIPELINING\r\n250 AUTH LOGIN CRAM-MD5\r\n"
+        if data.startswith(b"QUIT"):
+            return b"221 2.0.0 Bye\r\n"
+        return next(steps)
+
+    reads: list[bytes] = []
+
+    async def scenario() -> None:
+        server, port = await scripted_server(b"220 mx ESMTP\r\n", respond, reads=reads)
+        try:
+            conn = await open_to(
+                port, tls="none", credentials=CREDENTIALS, allow_plaintext_auth=True
+            )
+            assert conn.auth_mechanism == "LOGIN"
+            await conn.close()
+        finally:
+            server.close()
+
+    run(scenario())
+    assert reads[1:4] == [
+        b"AUTH LOGIN\r\n",
+        base64.b64encode(RELAY_USER.encode()) + b"\r\n",
+        base64.b64encode(RELAY_PASSWORD.encode()) + b"\r\n",
+    ]
+
+
+def test_no_mechanism_in_common_names_what_was_offered(run: Runner[Any]) -> None:
+    def respond(data: bytes) -> bytes | None:
+        if data.startswith(b"EHLO"):
+            return b"250-mx\r\n250 AUTH CRAM-MD5 GSSAPI\r\n"
+        return None
+
+    reads: list[bytes] = []
+
+    async def scenario() -> None:
+        server, port = await scripted_server(b"220 mx ESMTP\r\n", respond, reads=reads)
+        try:
+            with pytest.raises(
+                AuthenticationFailed,
+                match="failed: the server offers AUTH CRAM-MD5 GSSAPI, none of PLAIN and LOGIN",
+            ) as info:
+                await open_to(port, credentials=CREDENTIALS, allow_plaintext_auth=True)
+            await asyncio.sleep(0.05)
+        finally:
+            server.close()
+        assert info.value.temporary
+        assert reads[-1] == b"QUIT\r\n" and not credentials_on_the_wire(reads)
 
     run(scenario())
 

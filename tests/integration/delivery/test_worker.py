@@ -6,7 +6,9 @@ worker at the test DNS server (``dnsserver.py``) and at a receiving server on
 loopback, drives it with ``run_once()`` and checks what the store recorded and
 what the receiver got. The receiver is Postlane's own server engine
 (``smtp.protocol.Connection``) behind a small asyncio listener that answers
-each recipient as the test says. Runs on SQLite and on PostgreSQL.
+each recipient as the test says and, given credentials, requires AUTH like a
+provider's relay; it keeps every byte it read, to show what was (not) sent.
+Runs on SQLite and on PostgreSQL.
 
 DNS: ``example.test`` → MX ``mx.test.example`` → 127.0.0.1 (the name the
 conftest's test CA certifies, so required TLS can verify it);
@@ -16,6 +18,7 @@ conftest's test CA certifies, so required TLS can verify it);
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.policy
 import ssl
 import uuid
@@ -72,6 +75,11 @@ class Receiver:
 
     replies: dict[str, p.Reply] = field(default_factory=dict)
     tls: ssl.SSLContext | None = None
+    # (username, password): AUTH required before MAIL, and only these pass.
+    credentials: tuple[str, str] | None = None
+    plaintext_auth: bool = False  # offer AUTH without TLS too
+    auth_attempts: list[tuple[str, str, bool]] = field(default_factory=list)
+    wire: bytearray = field(default_factory=bytearray)  # everything read, decrypted
     messages: list[Delivered] = field(default_factory=list)
     sessions: int = 0
     closed: int = 0
@@ -100,7 +108,10 @@ class _ReceiverSession(asyncio.Protocol):
     def __init__(self, owner: Receiver) -> None:
         self.owner = owner
         policy = p.SessionPolicy(
-            MX_NAME, auth_required=False, starttls_available=owner.tls is not None
+            MX_NAME,
+            auth_required=owner.credentials is not None,
+            allow_plaintext_auth=owner.plaintext_auth,
+            starttls_available=owner.tls is not None,
         )
         self.conn = p.Connection(policy)
         self.transport: asyncio.Transport | None = None
@@ -119,6 +130,7 @@ class _ReceiverSession(asyncio.Protocol):
         self.owner.closed += 1
 
     def data_received(self, data: bytes) -> None:
+        self.owner.wire += data
         if self.upgrading:
             self.early += data
             return
@@ -142,6 +154,13 @@ class _ReceiverSession(asyncio.Protocol):
                     Delivered(event.mail_from, event.recipients, event.data, self.conn.tls_active)
                 )
                 self.conn.answer_message(QUEUED)
+            elif isinstance(event, p.AuthAttempt):
+                good = (event.username, event.password) == self.owner.credentials
+                self.owner.auth_attempts.append((event.mechanism, event.username, good))
+                if good:
+                    self.conn.auth_succeeded(event.username)
+                else:
+                    self.conn.auth_failed()
             elif isinstance(event, p.StartTLS):
                 self.flush()
                 self.upgrading = True
@@ -1052,3 +1071,160 @@ def test_messages_per_connection_counts_across_batches(env: Env) -> None:
     run(deliver_batches(env, receiver, batches, shaper=shaper))
     assert len(receiver.messages) == 3
     assert receiver.sessions == 2  # a and b on the first connection, c on a new one
+
+
+# -- AUTH at a relay ---------------------------------------------------------------------------
+
+RELAY_USER, RELAY_PASSWORD = "postlane@relay.test", "correct horse battery"
+
+
+def relay_auth(port: int, **extra: Any) -> dict[str, Any]:
+    """Settings for a relay on ``port`` with the test credentials."""
+    return {"host": "127.0.0.1", "port": port, "username": RELAY_USER, **extra}
+
+
+def password_in(data: object) -> bool:
+    text = str(data)
+    encoded = base64.b64encode(RELAY_PASSWORD.encode()).decode()
+    return RELAY_PASSWORD in text or encoded in text
+
+
+def test_smarthost_with_auth_plain_over_starttls(env: Env, pki: Pki) -> None:
+    message_id = env.message("ann@anywhere.invalid", "bob@example.test")
+    relay = Receiver(tls=pki.self_signed, credentials=(RELAY_USER, RELAY_PASSWORD))
+
+    def make(ports: list[int]) -> dict[str, Any]:
+        return {"smarthost": relay_auth(ports[0], password=RELAY_PASSWORD)}
+
+    run(deliver_via(env, [relay], make))
+
+    rows = env.recipients(message_id)
+    assert {row.status for row in rows.values()} == {"delivered"}
+    assert sorted(m.recipients[0] for m in relay.messages) == [
+        "ann@anywhere.invalid",
+        "bob@example.test",
+    ]
+    assert all(m.tls for m in relay.messages)
+    # A connection per recipient domain, each authenticated once.
+    assert relay.sessions == 2
+    assert relay.auth_attempts == [("PLAIN", RELAY_USER, True)] * 2
+    for event in env.events(message_id, "delivered"):
+        assert event.data["auth"] == "PLAIN"
+        assert event.data["transport"] == "smarthost"
+        assert event.data["tls"] in ("TLSv1.2", "TLSv1.3")
+        assert not password_in(event.data)
+
+
+def test_wrong_password_at_the_relay_defers_with_the_reason(env: Env, pki: Pki) -> None:
+    message_id = env.message("ann@anywhere.invalid")
+    relay = Receiver(tls=pki.self_signed, credentials=(RELAY_USER, RELAY_PASSWORD))
+    before = datetime.now(UTC)
+    ports: list[int] = []
+
+    def make(given: list[int]) -> dict[str, Any]:
+        ports.extend(given)
+        return {"smarthost": relay_auth(given[0], password="not the password")}
+
+    run(deliver_via(env, [relay], make))
+
+    row = env.recipients(message_id)["ann@anywhere.invalid"]
+    assert row.status == "deferred"  # the operator's mistake: never bounced
+    assert row.next_attempt_at >= before + timedelta(seconds=60)
+    assert row.last_reply == (
+        f"authentication to 127.0.0.1:{ports[0]} failed: "
+        "535 5.7.8 Authentication credentials invalid"
+    )
+    event = env.events(message_id, "deferred")[0]
+    assert event.data["status"] == "4.7.8"  # 5.7.8, made temporary
+    assert event.data["transport"] == "smarthost"
+    assert relay.auth_attempts == [("PLAIN", RELAY_USER, False)]
+    assert relay.messages == []
+    assert env.suppressed() == set()
+
+
+def test_plaintext_relay_is_not_sent_the_password_unless_allowed(env: Env) -> None:
+    message_id = env.message("ann@anywhere.invalid", "cat@partner.test")
+    # Neither offers STARTTLS; both offer AUTH in the clear.
+    relay = Receiver(credentials=(RELAY_USER, RELAY_PASSWORD), plaintext_auth=True)
+    partner = Receiver(credentials=(RELAY_USER, RELAY_PASSWORD), plaintext_auth=True)
+
+    def make(ports: list[int]) -> dict[str, Any]:
+        transport = relay_auth(
+            ports[1], password=RELAY_PASSWORD, domain="partner.test", allow_plaintext_auth=True
+        )
+        return {
+            "smarthost": relay_auth(ports[0], password=RELAY_PASSWORD),  # not allowed
+            "transports": [transport],
+        }
+
+    run(deliver_via(env, [relay, partner], make))
+
+    rows = env.recipients(message_id)
+    refused = rows["ann@anywhere.invalid"]
+    assert refused.status == "deferred"
+    assert refused.last_reply is not None
+    assert "failed: TLS is not active, and credentials are not sent" in refused.last_reply
+    assert relay.sessions == 1 and relay.messages == []
+    assert b"AUTH" not in relay.wire  # the receiver never saw an AUTH command
+    assert not password_in(relay.wire)
+    assert relay.wire.endswith(b"QUIT\r\n")
+    # The transport allows plaintext AUTH explicitly: delivered, authenticated.
+    assert rows["cat@partner.test"].status == "delivered"
+    assert partner.auth_attempts == [("PLAIN", RELAY_USER, True)]
+    delivered = env.events(message_id, "delivered")[0]
+    assert delivered.data["auth"] == "PLAIN" and delivered.data["tls"] is None
+    assert delivered.data["transport"] == "partner.test"
+
+
+def test_mx_delivery_records_no_auth(env: Env) -> None:
+    message_id = env.message("ann@example.test")
+    run(deliver(env, Receiver()))
+    assert "auth" not in env.events(message_id, "delivered")[0].data
+
+
+def test_a_broken_handshake_is_not_retried_in_plaintext_with_credentials(env: Env) -> None:
+    """No plaintext retry after a failed handshake when credentials may not go in plaintext.
+
+    Without credentials opportunistic TLS falls back to plaintext; with them
+    that retry could only fail at AUTH and hide what really went wrong.
+    """
+    message_id = env.message("ann@anywhere.invalid")
+    lines: list[bytes] = []
+    connections = 0
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.write(b"220 relay ESMTP\r\n")
+        while line := await reader.readline():
+            lines.append(line)
+            if line.startswith(b"EHLO"):
+                writer.write(b"250-relay\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n")
+            elif line.startswith(b"STARTTLS"):
+                writer.write(b"220 2.0.0 go ahead\r\n")
+                await writer.drain()
+                await reader.read(16384)  # the ClientHello, answered with plaintext
+                writer.write(b"500 5.5.1 this is not TLS\r\n")
+            else:
+                writer.write(b"502 5.5.2 not here\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(session, "127.0.0.1", 0)
+        port = int(server.sockets[0].getsockname()[1])
+        try:
+            smarthost = relay_auth(port, password=RELAY_PASSWORD)
+            settings = env.settings(CLOSED_PORT, smarthost=smarthost)
+            await DeliveryWorker(settings, env.db, MASTER, connect_timeout=5).run_once()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(scenario())
+    row = env.recipients(message_id)["ann@anywhere.invalid"]
+    assert row.status == "deferred"
+    assert row.last_reply is not None
+    assert row.last_reply.startswith("TLS handshake with 127.0.0.1 failed")
+    assert connections == 1  # no second, plaintext, connection
+    assert not any(line.startswith(b"AUTH") for line in lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import TypeVar
 
 import pytest
@@ -9,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postlane.delivery.client_protocol import (
+    Authenticated,
+    AuthFailed,
     Capabilities,
     ClientConnection,
     Closed,
@@ -19,6 +22,7 @@ from postlane.delivery.client_protocol import (
     TransactionResult,
     prepare_content,
 )
+from postlane.delivery.sasl import Credentials
 
 E = TypeVar("E")
 
@@ -868,6 +872,305 @@ def test_success_reply_to_data_is_a_protocol_error_not_a_delivery() -> None:
     assert result.outcome("a@example.com").enhanced == "4.5.0"
 
 
+# -- AUTH ------------------------------------------------------------------------------------
+
+USER, PASSWORD = "relay-user", "s3cret pass"
+CREDENTIALS = Credentials(USER, PASSWORD)
+PLAIN_BLOB = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+AUTH_OK = b"235 2.7.0 Authentication successful\r\n"
+LOGIN_USER_PROMPT = b"334 VXNlcm5hbWU6\r\n"  # "Username:"
+LOGIN_PASSWORD_PROMPT = b"334 UGFzc3dvcmQ6\r\n"  # "Password:"
+
+
+def ehlo_with(*extensions: bytes) -> bytes:
+    lines = [b"mx.example.com", b"PIPELINING", b"ENHANCEDSTATUSCODES", *extensions]
+    return b"".join(
+        b"250" + (b" " if i == len(lines) - 1 else b"-") + line + b"\r\n"
+        for i, line in enumerate(lines)
+    )
+
+
+def in_tls(inner: bytes, *, outer: bytes = EHLO_FULL) -> Client:
+    """A client past STARTTLS: ``outer`` offered before the handshake, ``inner`` after it."""
+    client = ready(outer)
+    client.conn.start_tls()
+    assert client.sent() == b"STARTTLS\r\n"
+    client.feed(b"220 2.0.0 Ready to start TLS\r\n")
+    client.conn.tls_established()
+    assert client.sent() == b"EHLO out.example.net\r\n"
+    client.feed(inner)
+    return client
+
+
+def assert_no_credentials(wire: bytes) -> None:
+    assert USER.encode() not in wire and PASSWORD.encode() not in wire
+    assert PLAIN_BLOB not in wire
+    assert base64.b64encode(PASSWORD.encode()) not in wire
+    assert b"AUTH" not in wire
+
+
+def test_auth_plain_sends_the_initial_response_and_235_authenticates() -> None:
+    client = in_tls(ehlo_with(b"AUTH PLAIN LOGIN"))
+    client.conn.authenticate(CREDENTIALS)
+    assert client.sent() == b"AUTH PLAIN " + PLAIN_BLOB + b"\r\n"
+    assert client.conn.awaiting == "the reply to AUTH"
+    assert client.conn.auth_mechanism is None
+    assert client.feed(AUTH_OK, bytewise=True) == b""
+    assert only(client.of(Authenticated)) == Authenticated("PLAIN")
+    assert client.conn.auth_mechanism == "PLAIN"
+    assert client.of(AuthFailed) == [] and client.of(Reply) == []  # AUTH is summed up
+    assert client.conn.awaiting is None and not client.conn.closed
+
+
+def test_auth_login_answers_the_two_challenges_in_turn() -> None:
+    client = in_tls(ehlo_with(b"AUTH LOGIN"))
+    client.conn.authenticate(CREDENTIALS)
+    assert client.sent() == b"AUTH LOGIN\r\n"
+    assert client.feed(LOGIN_USER_PROMPT, bytewise=True) == base64.b64encode(USER.encode()) + (
+        b"\r\n"
+    )
+    assert client.conn.awaiting == "the reply to AUTH"
+    assert client.feed(LOGIN_PASSWORD_PROMPT, bytewise=True) == base64.b64encode(
+        PASSWORD.encode()
+    ) + (b"\r\n")
+    assert client.feed(AUTH_OK) == b""
+    assert only(client.of(Authenticated)) == Authenticated("LOGIN")
+    assert client.conn.auth_mechanism == "LOGIN"
+
+
+def test_non_ascii_credentials_are_sent_as_utf8() -> None:
+    client = in_tls(ehlo_with(b"AUTH PLAIN"))
+    client.conn.authenticate(Credentials("jürgen", "pässwort"))
+    expected = base64.b64encode("\0jürgen\0pässwort".encode())
+    assert client.sent() == b"AUTH PLAIN " + expected + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("extensions", "mechanism"),
+    [
+        ((b"AUTH LOGIN PLAIN",), "PLAIN"),  # PLAIN preferred whatever the order
+        ((b"AUTH CRAM-MD5 LOGIN",), "LOGIN"),
+        ((b"AUTH login xoauth2",), "LOGIN"),  # case does not matter
+        ((b"AUTH=LOGIN",), "LOGIN"),  # the pre-standard form of old servers
+        ((b"AUTH CRAM-MD5", b"AUTH=PLAIN LOGIN"), "PLAIN"),
+    ],
+)
+def test_the_mechanism_is_the_best_one_offered(
+    extensions: tuple[bytes, ...], mechanism: str
+) -> None:
+    client = in_tls(ehlo_with(*extensions))
+    client.conn.authenticate(CREDENTIALS)
+    assert client.sent().startswith(f"AUTH {mechanism}".encode())
+
+
+def test_no_mechanism_in_common_ends_the_session_naming_what_was_offered() -> None:
+    client = in_tls(ehlo_with(b"AUTH CRAM-MD5 XOAUTH2"))
+    client.conn.authenticate(CREDENTIALS)
+    sent = client.sent()
+    assert sent == b"QUIT\r\n"
+    failed = only(client.of(AuthFailed))
+    assert failed.reason == "the server offers AUTH CRAM-MD5 XOAUTH2, none of PLAIN and LOGIN"
+    assert failed.reply is None and failed.temporary
+    assert client.events[-1] == Closed(f"authentication failed: {failed.reason}", None)
+    assert client.conn.closed and client.conn.auth_mechanism is None
+
+
+def test_no_auth_offered_ends_the_session() -> None:
+    client = Client()
+    # Both asked for before the greeting; plaintext allowed, so AUTH is what is missing.
+    client.conn.authenticate(CREDENTIALS, allow_plaintext_auth=True)
+    client.conn.send_message("s@example.net", ["a@example.com"], BODY)
+    client.feed(GREETING)
+    sent = client.feed(ehlo_with(b"SIZE 1000"))
+    assert sent == b"QUIT\r\n"  # the message waited for AUTH: never sent
+    assert_no_credentials(sent)
+    failed = only(client.of(AuthFailed))
+    assert failed.reason == "the server does not offer AUTH"
+    assert failed.temporary
+    result = only(client.of(TransactionResult))
+    assert result.recipients["a@example.com"] == Reply(
+        451, "4.7.0", "authentication failed: the server does not offer AUTH", "AUTH", local=True
+    )
+
+
+def test_535_is_a_permanent_refusal_and_queued_mail_is_not_blamed() -> None:
+    client = in_tls(ehlo_with(b"AUTH PLAIN"))
+    client.conn.authenticate(CREDENTIALS)
+    client.conn.send_message("s@example.net", ["a@example.com"], BODY)
+    assert client.sent().startswith(b"AUTH PLAIN ")  # and nothing else: MAIL waits
+    assert client.feed(b"535 5.7.8 Authentication credentials invalid\r\n") == b"QUIT\r\n"
+    refusal = Reply(535, "5.7.8", "Authentication credentials invalid", "AUTH")
+    failed = only(client.of(AuthFailed))
+    assert failed == AuthFailed(
+        "the server refused AUTH PLAIN: 535 5.7.8 Authentication credentials invalid", refusal
+    )
+    assert not failed.temporary
+    closed = only(client.of(Closed))
+    assert closed.reply == refusal
+    # The recipient gets a local temporary reply, never the server's 535 about us.
+    reply = only(client.of(TransactionResult)).recipients["a@example.com"]
+    assert (reply.code, reply.enhanced, reply.local) == (451, "4.7.0", True)
+    assert client.of(Authenticated) == []
+
+
+def test_454_is_a_temporary_refusal() -> None:
+    client = in_tls(ehlo_with(b"AUTH PLAIN"))
+    client.conn.authenticate(CREDENTIALS)
+    client.sent()
+    assert client.feed(b"454 4.7.0 Temporary authentication failure\r\n") == b"QUIT\r\n"
+    failed = only(client.of(AuthFailed))
+    assert failed.temporary
+    assert failed.reply is not None and failed.reply.code == 454
+    assert client.conn.closed
+
+
+def test_login_refused_after_the_password() -> None:
+    client = in_tls(ehlo_with(b"AUTH LOGIN"))
+    client.conn.authenticate(CREDENTIALS)
+    client.sent()
+    client.feed(LOGIN_USER_PROMPT)
+    client.feed(LOGIN_PASSWORD_PROMPT)
+    assert client.feed(b"535 5.7.8 no\r\n") == b"QUIT\r\n"
+    failed = only(client.of(AuthFailed))
+    assert failed.reason == "the server refused AUTH LOGIN: 535 5.7.8 no"
+    assert not failed.temporary
+
+
+def test_421_to_auth_is_the_server_going_away() -> None:
+    client = in_tls(ehlo_with(b"AUTH PLAIN"))
+    client.conn.authenticate(CREDENTIALS)
+    client.sent()
+    assert client.feed(b"421 4.3.2 shutting down\r\n") == b""
+    closed = only(client.of(Closed))
+    assert closed.reply is not None and closed.reply.code == 421
+    assert client.of(AuthFailed) == []
+
+
+def test_credentials_are_not_sent_without_tls() -> None:
+    client = ready(ehlo_with(b"AUTH PLAIN LOGIN"))  # no STARTTLS, AUTH offered in the clear
+    client.conn.authenticate(CREDENTIALS)
+    sent = client.sent()
+    assert sent == b"QUIT\r\n"
+    assert_no_credentials(sent)
+    failed = only(client.of(AuthFailed))
+    assert failed.reason == (
+        "TLS is not active, and credentials are not sent over an unencrypted "
+        "connection unless allow_plaintext_auth is set"
+    )
+    assert failed.temporary and failed.reply is None
+    assert client.conn.closed
+
+
+def test_credentials_without_tls_when_plaintext_auth_is_allowed() -> None:
+    client = ready(ehlo_with(b"AUTH PLAIN LOGIN"))
+    client.conn.authenticate(CREDENTIALS, allow_plaintext_auth=True)
+    assert client.sent() == b"AUTH PLAIN " + PLAIN_BLOB + b"\r\n"
+    client.feed(AUTH_OK)
+    assert only(client.of(Authenticated)).mechanism == "PLAIN"
+
+
+def test_starttls_refused_then_auth_is_not_sent_in_plaintext() -> None:
+    """Opportunistic TLS whose STARTTLS is refused: the session would go on in the clear."""
+    client = ready()
+    client.conn.start_tls()
+    client.conn.authenticate(CREDENTIALS)
+    assert client.sent() == b"STARTTLS\r\n"  # AUTH waits for the outcome
+    sent = client.feed(b"454 4.7.0 TLS not available\r\n")
+    assert sent == b"QUIT\r\n"
+    assert_no_credentials(sent)
+    assert "TLS is not active" in only(client.of(AuthFailed)).reason
+
+
+def test_auth_after_starttls_uses_the_mechanisms_offered_inside_tls() -> None:
+    # Before TLS only LOGIN is offered; inside it PLAIN: the inner list decides.
+    client = ready(ehlo_with(b"STARTTLS", b"AUTH LOGIN"))
+    client.conn.start_tls()
+    client.conn.authenticate(CREDENTIALS)  # asked before the handshake: it waits
+    assert client.sent() == b"STARTTLS\r\n"
+    client.feed(b"220 2.0.0 go ahead\r\n")
+    assert client.sent() == b""
+    client.conn.tls_established()
+    assert client.sent() == b"EHLO out.example.net\r\n"
+    assert client.feed(ehlo_with(b"AUTH PLAIN")) == b"AUTH PLAIN " + PLAIN_BLOB + b"\r\n"
+    # And the other way round: AUTH offered outside TLS only is no AUTH at all.
+    client = in_tls(ehlo_with(b"SIZE 1000"), outer=ehlo_with(b"STARTTLS", b"AUTH PLAIN"))
+    client.conn.authenticate(CREDENTIALS)
+    assert client.sent() == b"QUIT\r\n"
+    assert only(client.of(AuthFailed)).reason == "the server does not offer AUTH"
+
+
+def test_mail_after_auth_is_pipelined() -> None:
+    client = in_tls(ehlo_with(b"AUTH PLAIN"))
+    client.conn.authenticate(CREDENTIALS)
+    client.conn.send_message("s@example.net", ["a@example.com", "b@example.com"], BODY)
+    client.conn.send_message("s@example.net", ["c@example.com"], BODY)
+    assert client.sent() == b"AUTH PLAIN " + PLAIN_BLOB + b"\r\n"  # AUTH ends the group
+    # The 235, then the first envelope with its DATA in one write.
+    assert client.feed(AUTH_OK) == (
+        b"MAIL FROM:<s@example.net>\r\n"
+        b"RCPT TO:<a@example.com>\r\n"
+        b"RCPT TO:<b@example.com>\r\n"
+        b"DATA\r\n"
+    )
+    client.feed(MAIL_OK + RCPT_OK + RCPT_OK)
+    assert client.feed(
+        GO
+    ) == BODY + b".\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<c@example.com>\r\n" + (b"DATA\r\n")
+    client.feed(QUEUED + MAIL_OK + RCPT_OK + GO)
+    client.feed(QUEUED)
+    assert [r.delivered for r in client.of(TransactionResult)] == [
+        ["a@example.com", "b@example.com"],
+        ["c@example.com"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ehlo", "replies", "problem"),
+    [
+        (b"AUTH PLAIN", [b"334 \r\n"], "a challenge '334' after AUTH PLAIN with an initial"),
+        (
+            b"AUTH LOGIN",
+            [LOGIN_USER_PROMPT, LOGIN_PASSWORD_PROMPT, b"334 VGhpcmQ6\r\n"],
+            "a third challenge '334 VGhpcmQ6' in AUTH LOGIN",
+        ),
+        (b"AUTH LOGIN", [b"334 not base64!\r\n"], "challenge '334 not base64!' is not base64"),
+        (b"AUTH PLAIN", [b"250 2.0.0 fine\r\n"], "'250 2.0.0 fine' is not an answer to AUTH"),
+    ],
+)
+def test_auth_answers_out_of_turn_end_the_session_without_a_response(
+    ehlo: bytes, replies: list[bytes], problem: str
+) -> None:
+    client = in_tls(ehlo_with(ehlo))
+    client.conn.authenticate(CREDENTIALS)
+    client.sent()
+    sent = b"".join(client.feed(reply) for reply in replies)
+    if b"LOGIN" in ehlo:
+        sent = sent.replace(base64.b64encode(USER.encode()) + b"\r\n", b"")
+        sent = sent.replace(base64.b64encode(PASSWORD.encode()) + b"\r\n", b"")
+    assert sent == b""  # no answer, not even QUIT: it would be read as a SASL response
+    failed = only(client.of(AuthFailed))
+    assert failed.reason.startswith("protocol error: ")
+    assert problem in failed.reason
+    assert failed.temporary and client.conn.closed
+
+
+def test_auth_is_asked_for_once() -> None:
+    client = in_tls(ehlo_with(b"AUTH PLAIN"))
+    client.conn.authenticate(CREDENTIALS)
+    with pytest.raises(RuntimeError, match="AUTH was asked for already"):
+        client.conn.authenticate(CREDENTIALS)
+
+
+def test_no_event_shows_the_password() -> None:
+    client = in_tls(ehlo_with(b"AUTH LOGIN"))
+    client.conn.authenticate(CREDENTIALS)
+    client.sent()
+    client.feed(LOGIN_USER_PROMPT + LOGIN_PASSWORD_PROMPT + b"535 5.7.8 no\r\n")
+    shown = repr(client.events) + str(client.events) + repr(CREDENTIALS)
+    assert PASSWORD not in shown
+    assert base64.b64encode(PASSWORD.encode()).decode() not in shown
+
+
 # -- property: whatever the server says, every message gets exactly one result, in order ------
 
 REPLY_LINES = st.sampled_from(
@@ -881,6 +1184,9 @@ REPLY_LINES = st.sampled_from(
         b"421 4.3.0 bye\r\n",
         b"503 5.5.1 order\r\n",
         b"221 bye\r\n",
+        b"235 2.7.0 ok\r\n",
+        b"334 VXNlcm5hbWU6\r\n",
+        b"535 5.7.8 no\r\n",
         b"garbage\r\n",
         b"25",
         b"0 ok\n",
@@ -890,7 +1196,7 @@ REPLY_LINES = st.sampled_from(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    ehlo=st.sampled_from([EHLO_FULL, EHLO_PLAIN]),
+    ehlo=st.sampled_from([EHLO_FULL, EHLO_PLAIN, b"250-mx\r\n250 AUTH LOGIN\r\n"]),
     messages=st.lists(
         st.tuples(
             st.lists(st.sampled_from(["a@example.com", "b@example.com", "bad"]), min_size=1),
@@ -901,20 +1207,33 @@ REPLY_LINES = st.sampled_from(
     ),
     chunks=st.lists(st.one_of(REPLY_LINES, st.binary(max_size=12)), max_size=30),
     tls=st.booleans(),
+    auth=st.booleans(),
 )
 def test_any_server_behaviour_gives_one_result_per_message(
-    ehlo: bytes, messages: list[tuple[list[str], bytes]], chunks: list[bytes], tls: bool
+    ehlo: bytes,
+    messages: list[tuple[list[str], bytes]],
+    chunks: list[bytes],
+    tls: bool,
+    auth: bool,
 ) -> None:
-    client = ready(ehlo)
+    client = Client()  # everything asked for before the greeting, so nothing is refused yet
     if tls:
         client.conn.start_tls()
+    if auth:  # plaintext allowed, so that the dialogue itself meets the noise
+        client.conn.authenticate(CREDENTIALS, allow_plaintext_auth=True)
     for recipients, data in messages:
         client.conn.send_message("s@example.net", recipients, data)
+    wire = client.feed(GREETING) + client.feed(ehlo)
     for chunk in chunks:
-        client.feed(chunk)
+        wire += client.feed(chunk)
         if client.of(TlsReady) and not client.conn.tls_active and not client.conn.closed:
             client.conn.tls_established()
+            wire += client.sent()
     client.conn.abort("the test is over")
+    # AUTH ends one way at most, and without its 235 no mail leaves.
+    assert len(client.of(Authenticated)) + len(client.of(AuthFailed)) <= int(auth)
+    if auth and not client.of(Authenticated):
+        assert b"MAIL FROM" not in wire
     results = client.of(TransactionResult)
     assert len(results) == len(messages)
     for result, (recipients, _) in zip(results, messages, strict=True):
