@@ -22,6 +22,7 @@ from postlane.errors import PostlaneError
 from postlane.store import Database, migrate
 from postlane.store.accounts import Account
 from postlane.store.smtp_users import SmtpUser
+from postlane.store.suppressions import OPTIONAL_LISTS, REASONS
 from postlane.tenants import admin
 
 if TYPE_CHECKING:
@@ -895,6 +896,140 @@ def _read_source(option: str, path: str) -> str:
 
 def _parts(template: StoredTemplate) -> str:
     return ", ".join(part for part in _TEMPLATE_PARTS if getattr(template, part) is not None)
+
+
+# -- suppression and filter lists ----------------------------------------------------------
+
+suppression_app = typer.Typer(
+    help=(
+        "An account's address lists. The suppression list (hard_bounce, complaint, manual)"
+        " keeps every message from an address unless X-ListOption 65536 bypasses it; the"
+        " unsubscribe (32), blocklist (128) and returned (512) lists apply only to messages"
+        " whose X-ListOption asks."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(suppression_app, name="suppression")
+
+_ListAccount = Annotated[str, typer.Argument(help="Account name (or id)")]
+_ListAddresses = Annotated[list[str], typer.Argument(help="One or more addresses")]
+_REASON_HELP = f"Which list: {', '.join(REASONS)}"
+
+
+@suppression_app.command("add")
+def suppression_add(
+    account: _ListAccount,
+    addresses: _ListAddresses,
+    reason: Annotated[str, typer.Option("--reason", help=_REASON_HELP)] = "manual",
+    detail: Annotated[
+        str | None, typer.Option("--detail", help="Note kept with each entry")
+    ] = None,
+) -> None:
+    """Put addresses on one of the account's lists (all or none: a bad address adds nothing).
+
+    An address already listed keeps its entry, except that an always-applied
+    reason (hard_bounce, complaint, manual) replaces an optional one.
+
+    Example: postlane suppression add acme bob@example.org --reason unsubscribe
+    """
+    from postlane.tenants import suppression_lists
+
+    for change in suppression_lists.add(_state.db, account, addresses, reason, detail):
+        if change.outcome == "added":
+            line = f"{change.address}: added to the {reason} list"
+        elif change.outcome == "replaced":
+            line = f"{change.address}: moved from the {change.before} list to {reason}"
+        else:
+            line = f"{change.address}: already on the {change.before} list, kept"
+        out.print(line, markup=False)
+
+
+@suppression_app.command("list")
+def suppression_list(
+    account: _ListAccount,
+    reason: Annotated[str | None, typer.Option("--reason", help="Only this list")] = None,
+    limit: Annotated[str, typer.Option("--limit", help="At most this many entries")] = "100",
+) -> None:
+    """List an account's listed addresses, newest first.
+
+    Example: postlane suppression list acme --reason hard_bounce --limit 20
+    """
+    from postlane.tenants import suppression_lists
+
+    found = suppression_lists.list_entries(
+        _state.db, account, reason=reason, limit=_number("limit", limit)
+    )
+    table = Table("address", "list", "applies", "detail", "added (UTC)")
+    for entry in found:
+        bit = OPTIONAL_LISTS.get(entry.reason)
+        table.add_row(
+            entry.address,
+            entry.reason,
+            "always" if bit is None else f"X-ListOption {bit}",
+            entry.detail or "",
+            f"{entry.created_at:%Y-%m-%d %H:%M:%S}",
+        )
+    out.print(table)
+    out.print(f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}")
+
+
+@suppression_app.command("remove")
+def suppression_remove(account: _ListAccount, addresses: _ListAddresses) -> None:
+    """Take addresses off whatever list they are on, so they can be mailed again.
+
+    Example: postlane suppression remove acme bob@example.org ann@example.org
+    """
+    from postlane.tenants import suppression_lists
+
+    for address, was in suppression_lists.remove(_state.db, account, addresses):
+        line = f"{address}: not on any list" if was is None else f"{address}: removed ({was})"
+        out.print(line, markup=False)
+
+
+@suppression_app.command("import")
+def suppression_import(
+    account: _ListAccount,
+    file: Annotated[
+        str, typer.Argument(help="One address per line, or CSV with the address first; - for stdin")
+    ],
+    reason: Annotated[str, typer.Option("--reason", help=_REASON_HELP)],
+    detail: Annotated[
+        str | None, typer.Option("--detail", help="Note kept with each entry (default: the file)")
+    ] = None,
+) -> None:
+    """Add every address of a file to one list; bad lines are reported and skipped.
+
+    Blank lines and lines starting with # are ignored. Skipped lines are
+    named on stderr and the exit status stays 0. Running an import again
+    adds nothing twice.
+
+    Example: postlane suppression import acme unsubscribed.csv --reason unsubscribe
+    """
+    from postlane.errors import InvalidInput
+    from postlane.tenants import suppression_lists
+
+    if file == "-":
+        source = "stdin"
+        summary = suppression_lists.import_lines(
+            _state.db, account, sys.stdin.buffer, reason, detail or "imported from stdin"
+        )
+    else:
+        path = Path(file)
+        source = path.name
+        try:
+            with path.open("rb") as lines:
+                summary = suppression_lists.import_lines(
+                    _state.db, account, lines, reason, detail or f"imported from {path.name}"
+                )
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {file}: {exc.strerror or exc}") from None
+    for bad in summary.bad:
+        err.print(f"{source} line {bad.number}: {bad.problem} (skipped)", markup=False)
+    out.print(
+        f"{summary.added} added, {summary.replaced} moved to {reason}, {summary.kept} already"
+        f" listed (kept), {len(summary.bad)} bad line(s) skipped",
+        markup=False,
+    )
 
 
 # -- helpers -----------------------------------------------------------------------------

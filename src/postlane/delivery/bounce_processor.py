@@ -11,8 +11,11 @@ message, in one transaction:
   says ``failed``: the recipient becomes ``bounced`` (whatever it was — a
   ``250`` followed by a bounce is a bounce), with a ``bounced`` event
   (status, diagnostic, remote MTA, classification kind), and the address is
-  suppressed when :func:`~postlane.delivery.bounce_class.classify` says it is
-  a hard bounce; ``delayed``: only a ``delayed`` event, the status stays;
+  suppressed (``hard_bounce``) when
+  :func:`~postlane.delivery.bounce_class.classify` says it is a hard bounce,
+  else put on the ``returned`` list, which only mail asking for X-ListOption
+  512 avoids (the mail came back, but not because the address is bad);
+  ``delayed``: only a ``delayed`` event, the status stays;
 - an ARF ``abuse`` report: a ``complained`` event and a ``complaint``
   suppression; the status stays (complaints come after delivery);
 - anything else — no report, no VERP address of ours, a forged tag, a
@@ -297,6 +300,9 @@ class BounceProcessor:
         )
         if classification.suppress:
             self._suppress(conn, recipient, "hard_bounce", block.status, now)
+        else:
+            detail = block.diagnostic_code or block.status
+            self._suppress(conn, recipient, "returned", detail, now)
         return "bounced" if changed else "already bounced"
 
     def _arf(

@@ -12,7 +12,9 @@ One :class:`DeliveryWorker` per process (the ``delivery`` role). Its loop:
    ``lease_batch`` rows in flight. A lease that drained the due rows is
    followed by a short pause (``GATHER_SECONDS``) so batches grow with the
    arrival rate instead of one lease per few messages.
-3. Per group: load each message once; drop **suppressed** addresses; render
+3. Per group: load each message once; drop the rows the message's list
+   options and the account's lists filter (:mod:`~postlane.delivery.list_filter`,
+   a ``suppressed`` event saying which); render
    and sign each copy (:func:`~postlane.delivery.compose.compose`); resolve
    the domain's route once; take **one connection** (per TLS policy) — an
    idle one kept from an earlier batch to the same hosts when it still
@@ -25,8 +27,10 @@ Outcomes, each in its own short transaction fenced on the lease (see
 reachable host deferred with backoff (at least a minute, never past the
 expiry, which turns it into ``expired``); 5xx failed, and the address
 suppressed when :func:`~postlane.delivery.bounce_class.classify` says it is a
-hard bounce. Anything that goes wrong for one recipient — a render error, a
-bug — fails or defers that recipient only: the worker logs it and goes on.
+hard bounce, else put on the account's ``returned`` list (X-ListOption 512);
+an expiry after a try lists it there too (:func:`queue.mark_expired`).
+Anything that goes wrong for one recipient — a render error, a bug — fails
+or defers that recipient only: the worker logs it and goes on.
 
 Why every copy has its own envelope sender: the VERP address
 (:mod:`postlane.delivery.verp`) names the recipient row, so any bounce, in any
@@ -102,7 +106,7 @@ from sqlalchemy.engine import Connection
 
 from postlane.config import Settings, SmarthostSettings, TransportSettings
 from postlane.crypto import SecretBox, derive_key
-from postlane.delivery import verp
+from postlane.delivery import list_filter, verp
 from postlane.delivery.backoff import next_attempt, parse_retry_hint
 from postlane.delivery.bounce_class import BounceKind, classify
 from postlane.delivery.client import (
@@ -116,12 +120,13 @@ from postlane.delivery.client import (
 from postlane.delivery.client_protocol import Reply, TransactionResult
 from postlane.delivery.compose import compose
 from postlane.delivery.connection_cache import ConnectionCache
+from postlane.delivery.list_filter import Filtered
 from postlane.delivery.mta_sts import MtaStsCache, StsResult, enforce
 from postlane.delivery.resolver import Resolver, to_ascii
 from postlane.delivery.routing import DnsFailure, NullMx, Route
 from postlane.delivery.sasl import Credentials
 from postlane.delivery.shaping import Shaper, load_rules
-from postlane.errors import NotFound, PostlaneError
+from postlane.errors import InvalidInput, NotFound, PostlaneError
 from postlane.options.model import SendOptions
 from postlane.render.dkim import DkimKey
 from postlane.store import Database, queue
@@ -144,10 +149,9 @@ SWEEP_INTERVAL: Final = 30.0  # seconds between reclaim/expire sweeps
 SWEEP_LIMIT: Final = 1000  # rows expired per sweep transaction (keeps SQLite writers moving)
 STOP_GRACE: Final = 30.0  # seconds stop() lets in-flight groups finish
 GATHER_SECONDS: Final = 0.1  # wait after a lease that drained the due rows (see _run)
-_COUNT_CACHE: Final = 1024  # messages whose recipient count is remembered
+_COUNT_CACHE: Final = 1024  # messages whose recipient count and duplicates are remembered
 _OPTIONS_CACHE: Final = 256  # distinct stored options kept parsed
 _NO_DOMAIN: Final = "account has no sending domain"
-_SUPPRESSED: Final = "address is on the account's suppression list"
 _STS_STATUS: Final = "4.7.5"  # RFC 3463: cryptographic failure (no host the policy allows)
 _PSL = PublicSuffixList()
 
@@ -174,15 +178,28 @@ class _Identity:
 
 @dataclass(slots=True)
 class _Loaded:
-    """A message as a batch needs it, loaded once for all its recipients."""
+    """A message as a batch needs it, loaded once for all its recipients.
+
+    ``duplicates`` maps each address the message has more than once to its
+    lowest row id (:func:`list_filter.duplicates`), for X-ListOption 64.
+    """
 
     message: MessageRecord
     account: Account
     domains: list[SendingDomain]
     recipients: int
+    duplicates: dict[str, int]
     options: SendOptions  # parsed once: every recipient of the message reads them
     #: The account's template the message names; None when it names none or a missing one.
     template: Template | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Recipients:
+    """What the worker remembers of a message's recipient rows (they never change)."""
+
+    count: int
+    duplicates: dict[str, int]
 
 
 @dataclass(slots=True)
@@ -338,7 +355,7 @@ class DeliveryWorker:
         self._loop_task: asyncio.Task[None] | None = None
         self._last_sweep = float("-inf")
         self._identities: dict[tuple[int, datetime], _Identity] = {}
-        self._counts: OrderedDict[str, int] = OrderedDict()
+        self._recipient_facts: OrderedDict[str, _Recipients] = OrderedDict()
         self._parsed_options: dict[str, SendOptions] = {}
         self._idle: ConnectionCache[_Host] = ConnectionCache(
             self._settings.connection_cache_seconds,
@@ -519,32 +536,55 @@ class DeliveryWorker:
                 results.append(None)
         return results
 
-    async def _suppressed(self, rows: list[queue.Leased], batch: _Batch) -> set[int]:
-        """Ids of the rows whose address their account has suppressed (and may not bypass)."""
-        checked: dict[int, list[queue.Leased]] = {}
+    async def _suppressed(self, rows: list[queue.Leased], batch: _Batch) -> dict[int, Filtered]:
+        """The rows a list filter keeps from being sent, each with why.
+
+        One list lookup per account for the whole group, whatever the bits:
+        the suppression list applies to every message that does not bypass.
+        """
+        checked: list[tuple[queue.Leased, SendOptions, _Loaded]] = []
+        addresses: dict[int, list[str]] = {}
         for row in rows:
             try:
                 loaded = await self._load(row.message_id, batch)
                 options = loaded.options
             except Exception as exc:
-                log.debug("recipient %d: not checked for suppression: %s", row.id, exc)
+                log.debug("recipient %d: not checked against the lists: %s", row.id, exc)
                 continue  # _prepare fails it with the reason
             if not options.bypass_list_filters:
-                checked.setdefault(row.account_id, []).append(row)
-        found: set[int] = set()
-        for account_id, members in checked.items():
-            addresses = [row.address for row in members]
-            hits = await self._read(_suppression_check(account_id, addresses))
-            found.update(row.id for row in members if row.address in hits)
+                checked.append((row, options, loaded))
+                addresses.setdefault(row.account_id, []).append(row.address)
+        lists: dict[int, dict[str, str]] = {}
+        for account_id, members in addresses.items():
+            lists[account_id] = await self._read(_list_check(account_id, members))
+        found: dict[int, Filtered] = {}
+        for row, options, loaded in checked:
+            filtered = list_filter.filter_row(
+                options,
+                row_id=row.id,
+                address=row.address,
+                duplicates=loaded.duplicates,
+                listed=lists[row.account_id].get(row.address),
+            )
+            if filtered is not None:
+                found[row.id] = filtered
         return found
 
-    async def _prepare(self, row: queue.Leased, batch: _Batch, suppressed: set[int]) -> _Job | None:
+    async def _prepare(
+        self, row: queue.Leased, batch: _Batch, suppressed: dict[int, Filtered]
+    ) -> _Job | None:
         now = self._clock()
-        if row.id in suppressed:
+        filtered = suppressed.get(row.id)
+        if filtered is not None:
             await self._record(
                 row,
                 lambda conn: queue.mark_suppressed(
-                    conn, row.id, owner=self.owner, now=now, reason=_SUPPRESSED
+                    conn,
+                    row.id,
+                    owner=self.owner,
+                    now=now,
+                    reason=filtered.reason,
+                    data={"filter": filtered.filter},
                 ),
             )
             return None
@@ -638,8 +678,8 @@ class DeliveryWorker:
         queries for all its messages, and two per account.
         """
         found = message_store.get_messages(conn, message_ids)
-        uncounted = [mid for mid in message_ids if mid not in self._counts]
-        counts = message_store.recipient_counts(conn, uncounted) if uncounted else {}
+        unknown = [mid for mid in message_ids if mid not in self._recipient_facts]
+        counts = message_store.recipient_counts(conn, unknown) if unknown else {}
         accounts: dict[int, Account] = {}
         domains: dict[int, list[SendingDomain]] = {}
         out: _Loads = {}
@@ -653,13 +693,19 @@ class DeliveryWorker:
                 if owner not in accounts:
                     accounts[owner] = account_store.get_account(conn, owner)
                     domains[owner] = domain_store.domains_for_account(conn, owner)
-                count = self._counts.get(message_id)
-                if count is None:
-                    # remembered, so a campaign leased in many batches is counted once
-                    count = self._counts[message_id] = counts.get(message_id, 0)
-                    if len(self._counts) > _COUNT_CACHE:
-                        self._counts.popitem(last=False)
                 options = self._options(message.options)
+                facts = self._recipient_facts.get(message_id)
+                if facts is None:
+                    # Remembered, so a campaign leased in many batches is read
+                    # once. Every row is read only when duplicates matter.
+                    count = counts.get(message_id, 0)
+                    duplicates: dict[str, int] = {}
+                    if count > 1 and options.remove_duplicates:
+                        rows = message_store.recipients_of(conn, message_id)
+                        duplicates = list_filter.duplicates((r.id, r.address) for r in rows)
+                    facts = self._recipient_facts[message_id] = _Recipients(count, duplicates)
+                    if len(self._recipient_facts) > _COUNT_CACHE:
+                        self._recipient_facts.popitem(last=False)
                 # Read with the message, not cached across batches: an edited
                 # template applies to the next batch. A missing one is None;
                 # compose says so.
@@ -667,7 +713,13 @@ class DeliveryWorker:
                 if options.template is not None:
                     template = template_store.find_template(conn, owner, options.template)
                 out[message_id] = _Loaded(
-                    message, accounts[owner], domains[owner], count, options, template
+                    message,
+                    accounts[owner],
+                    domains[owner],
+                    facts.count,
+                    facts.duplicates,
+                    options,
+                    template,
                 )
             except Exception as exc:  # one message's problem is that message's only
                 out[message_id] = exc
@@ -1116,6 +1168,8 @@ class DeliveryWorker:
                 suppression_store.add_suppression(
                     conn, row.account_id, row.address, "hard_bounce", text, now=now
                 )
+            elif done:
+                _list_returned(conn, row, text, now)
             return done
 
         await self._record(row, fail)
@@ -1324,11 +1378,27 @@ def _apply_sts(target: _Target, sts: StsResult | None) -> _Target:
     return dataclasses.replace(target, route=route, tls=tls, details=details)
 
 
-def _suppression_check(account_id: int, addresses: list[str]) -> Callable[[Connection], set[str]]:
-    def check(conn: Connection) -> set[str]:
-        return suppression_store.is_suppressed(conn, account_id, addresses)
+def _list_check(account_id: int, addresses: list[str]) -> Callable[[Connection], dict[str, str]]:
+    def check(conn: Connection) -> dict[str, str]:
+        return suppression_store.listed(conn, account_id, addresses)
 
     return check
+
+
+def _list_returned(conn: Connection, row: queue.Leased, reply: str, now: datetime) -> None:
+    """A permanent refusal that is not a hard bounce: the address goes on the ``returned`` list.
+
+    The mail came back, but the reply does not prove the address bad (a
+    policy or content refusal, a full mailbox), so it only keeps mail that
+    asks for X-ListOption 512 from the address. An address the list cannot
+    hold is logged and skipped: the failure itself is already recorded.
+    """
+    try:
+        suppression_store.add_suppression(
+            conn, row.account_id, row.address, "returned", reply, now=now
+        )
+    except InvalidInput as exc:
+        log.warning("recipient %d: not put on the returned list: %s", row.id, exc)
 
 
 def _throttled(reply: Reply) -> bool:

@@ -86,6 +86,7 @@ from sqlalchemy.engine import Connection
 from postlane.errors import InvalidInput, NotFound
 from postlane.store import _values
 from postlane.store.schema import RECIPIENT_STATUSES, events, messages, recipients
+from postlane.store.suppressions import NewSuppression, add_suppressions, is_address
 
 #: Statuses a row is due from (when its ``next_attempt_at`` has come).
 WAITING = ("queued", "deferred")
@@ -425,23 +426,38 @@ def mark_expired(
 
     Usually the final 4xx after the expiry, which counts as an attempt; pass
     ``attempted=False`` when the worker gave up without trying (it leased a
-    row that had expired already). False, and nothing written, if ``owner``
-    no longer holds the lease.
+    row that had expired already). A row tried at least once also puts its
+    address on the account's ``returned`` list (see :func:`_list_returned`).
+    False, and nothing written, if ``owner`` no longer holds the lease.
     """
     values: dict[str, Any] = {"last_reply": reply}
     if attempted:
         values["attempts"] = recipients.c.attempts + 1
-    return _finish(conn, id, owner, now, "expired", values, "expired", data, reply)
+    row = _finish_row(conn, id, owner, now, "expired", values, "expired", data, reply)
+    if row is None:
+        return False
+    _list_returned(conn, [row], now)
+    return True
 
 
-def mark_suppressed(conn: Connection, id: int, *, owner: str, now: datetime, reason: str) -> bool:
-    """The address is on the account's suppression list: ``suppressed``, not sent.
+def mark_suppressed(
+    conn: Connection,
+    id: int,
+    *,
+    owner: str,
+    now: datetime,
+    reason: str,
+    data: Mapping[str, Any] | None = None,
+) -> bool:
+    """A list filter keeps the row from being sent: ``suppressed``, not sent.
 
+    ``reason`` (the event's ``reason``) says which filter, for people;
+    ``data`` adds facts for programs (the delivery worker names the list).
     No attempt is counted. False, and nothing written, if ``owner`` no
     longer holds the lease.
     """
-    reason = _values.name("reason", reason)
-    return _finish(conn, id, owner, now, "suppressed", {}, "suppressed", {"reason": reason}, None)
+    payload = {**(data or {}), "reason": _values.name("reason", reason)}
+    return _finish(conn, id, owner, now, "suppressed", {}, "suppressed", payload, None)
 
 
 def _finish(
@@ -456,6 +472,22 @@ def _finish(
     reply: str | None,
 ) -> bool:
     """Move a leased row to ``status`` if ``owner`` still holds it, with its event."""
+    row = _finish_row(conn, id, owner, now, status, values, event_type, data, reply)
+    return row is not None
+
+
+def _finish_row(
+    conn: Connection,
+    id: int,
+    owner: str,
+    now: datetime,
+    status: str,
+    values: Mapping[str, Any],
+    event_type: str,
+    data: Mapping[str, Any],
+    reply: str | None,
+) -> sa.Row[Any] | None:
+    """:func:`_finish`, returning the changed row (None if the lease was lost)."""
     _values.integer("recipient id", id)
     owner = _values.name("lease owner", owner)
     _aware("now", now)
@@ -473,13 +505,13 @@ def _finish(
             lease_expires_at=None,
             updated_at=now,
         )
-        .returning(r.id, r.account_id, r.message_id)
+        .returning(r.id, r.account_id, r.message_id, r.address, r.attempts, r.last_reply)
     )
     row = conn.execute(statement).one_or_none()
     if row is None:
-        return False
+        return None
     _record(conn, [row], event_type, now, lambda _: event_data)
-    return True
+    return row
 
 
 # -- the sweeper ---------------------------------------------------------------------------
@@ -494,7 +526,8 @@ def expire_overdue(conn: Connection, *, now: datetime, limit: int | None = None)
     cancel it. ``limit`` caps the rows changed in this call: a campaign's
     rows share one expiry, and on SQLite every writer waits while a sweep of
     100,000 rows runs (about two seconds), so a sweeper should take batches
-    and commit between them.
+    and commit between them. Rows that had been tried put their addresses on
+    the ``returned`` list, as in :func:`mark_expired`.
     """
     _aware("now", now)
     r = recipients.c
@@ -506,11 +539,45 @@ def expire_overdue(conn: Connection, *, now: datetime, limit: int | None = None)
         sa.update(recipients)
         .where(*overdue)
         .values(status="expired", updated_at=now)
-        .returning(r.id, r.account_id, r.message_id, r.expires_at)
+        .returning(
+            r.id, r.account_id, r.message_id, r.expires_at, r.address, r.attempts, r.last_reply
+        )
     )
     changed = conn.execute(statement).all()
     _record(conn, changed, "expired", now, lambda row: {"expires_at": row.expires_at.isoformat()})
+    _list_returned(conn, changed, now)
     return len(changed)
+
+
+def _list_returned(conn: Connection, rows: Sequence[sa.Row[Any]], now: datetime) -> None:
+    """Put the addresses of expired rows that had been tried on the ``returned`` list.
+
+    Mail that was tried and never accepted before its expiry "came back"
+    as far as X-ListOption 512 is concerned; a row never tried (a backlog,
+    a hold, local rate limits only) says nothing about its address and is
+    not listed. The same transaction as the expiry, so a crash never keeps
+    one without the other. An address that cannot be listed is skipped:
+    the expiry matters more than the list.
+    """
+    entries = [
+        NewSuppression(
+            row.account_id,
+            row.address,
+            "returned",
+            _returned_detail(row.attempts, row.last_reply),
+        )
+        for row in rows
+        if row.attempts > 0 and is_address(row.address)
+    ]
+    if entries:
+        add_suppressions(conn, entries, now=now)
+
+
+def _returned_detail(attempts: int, last_reply: str | None) -> str:
+    tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+    if last_reply:
+        return f"expired undelivered after {tries}; last reply: {last_reply}"
+    return f"expired undelivered after {tries}"
 
 
 # -- operator views ------------------------------------------------------------------------

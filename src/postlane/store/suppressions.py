@@ -1,7 +1,38 @@
-"""Suppression lists: addresses an account must not send to any more.
+"""An account's address lists: the suppression list and the lists X-ListOption filters on.
 
-An address is added after a hard bounce, a complaint or an unsubscribe, and
-checked by delivery before each send (:func:`is_suppressed`).
+One table holds every list, one row per (account, address), with the
+``reason`` naming the list. The reasons form two groups:
+
+**The suppression list**, applied to every message unless it carries
+X-ListOption 65536 (bypass all list filtering):
+
+- ``hard_bounce``: a remote server said the address does not exist (the
+  delivery worker on a hard 5xx; the bounce processor on a DSN);
+- ``complaint``: the recipient reported the mail as spam (an ARF ``abuse``
+  report, from the bounce processor);
+- ``manual``: the operator or the customer suppressed the address.
+
+**Optional lists**, applied only when a message's X-ListOption bit asks:
+
+- ``unsubscribe`` (32): the recipient unsubscribed;
+- ``blocklist`` (128, the OMICard "blacklist"): the customer does not want
+  the address mailed by messages that ask;
+- ``returned`` (512): earlier mail to the address came back without being a
+  hard bounce: any other permanent refusal (policy, content, a full
+  mailbox...), a DSN not saying the user is unknown, or a recipient that
+  expired undelivered after being tried.
+
+A stored reason outside the known set (written before reasons were checked)
+counts as the suppression list: for a list that stops mail the safe mistake
+is to not send.
+
+**Precedence.** There is one row per address, so adding an entry must never
+weaken what is there: an always-applied reason replaces an optional one (a
+hard bounce after a ``returned`` entry must stop all mail, not only mail that
+asks for 512); an optional reason never replaces an always-applied one; and
+within a group the first entry stays (its detail is the earlier evidence).
+The rule is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE``, so two
+writers racing for one address still end with the stronger reason.
 
 Addresses compare case-insensitively, the domain *and* the local part: they
 are stored lower-cased (Python's full Unicode ``str.lower``, not SQLite's
@@ -15,7 +46,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -25,6 +56,13 @@ from postlane.errors import InvalidInput
 from postlane.store import _values
 from postlane.store._constraints import explained
 from postlane.store.schema import suppressions
+
+#: Reasons of the suppression list: applied to every message unless bypassed (65536).
+SUPPRESSION_LIST: Final = ("hard_bounce", "complaint", "manual")
+#: Reasons of the optional lists, each with the X-ListOption bit that applies it.
+OPTIONAL_LISTS: Final = {"unsubscribe": 32, "blocklist": 128, "returned": 512}
+#: Every reason an entry may have.
+REASONS: Final = (*SUPPRESSION_LIST, *OPTIONAL_LISTS)
 
 #: Addresses per ``IN (...)`` lookup; SQLite allows 32,766 bound values.
 _CHUNK = 500
@@ -36,10 +74,21 @@ class Suppression:
     account_id: int
     #: Lower-cased.
     address: str
-    #: Why it was added, e.g. ``hard_bounce``, ``complaint``, ``unsubscribe``, ``manual``.
+    #: Which list: one of :data:`REASONS` (or an older, unchecked reason).
     reason: str
     detail: str | None
+    #: When the current reason was recorded.
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewSuppression:
+    """One entry to add; see :func:`add_suppressions`."""
+
+    account_id: int
+    address: str
+    reason: str
+    detail: str | None = None
 
 
 def add_suppression(
@@ -51,51 +100,119 @@ def add_suppression(
     *,
     now: datetime,
 ) -> bool:
-    """Suppress ``address`` for the account; True if added, False if it already was.
+    """Put ``address`` on the account's ``reason`` list; True if its entry was written.
 
-    Adding an address again changes nothing: the first reason (and detail)
-    is kept, so a later unsubscribe does not hide an earlier hard bounce.
-    :class:`NotFound` if the account does not exist.
+    False when the address was listed already and stays as it was (see the
+    precedence in the module docstring). :class:`NotFound` if the account
+    does not exist; :class:`InvalidInput` for a malformed address or an
+    unknown reason.
+    """
+    entry = NewSuppression(account_id, address, reason, detail)
+    return add_suppressions(conn, [entry], now=now) == 1
+
+
+def add_suppressions(conn: Connection, entries: Sequence[NewSuppression], *, now: datetime) -> int:
+    """Add many entries, a few statements in all; how many addresses were written.
+
+    Written means added, or an optional reason replaced by an always-applied
+    one. The same address twice in ``entries`` is resolved by the same
+    precedence as against a stored entry. Every entry is checked before
+    anything is written, so a malformed one writes nothing.
     """
     if not isinstance(now, datetime) or now.utcoffset() is None:
         raise InvalidInput(f"now must be an aware UTC datetime, got {now!r}")
-    values = {
-        "account_id": _values.integer("account_id", account_id),
-        "address": normalise(address),
-        "reason": _values.name("reason", reason),
-        "detail": None if detail is None else _values.text("detail", detail),
-        "created_at": now,
-    }
+    if isinstance(entries, NewSuppression):
+        raise InvalidInput("entries must be a sequence of entries, not one entry")
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for entry in entries:
+        account_id = _values.integer("account_id", entry.account_id)
+        address = normalise(entry.address)
+        reason = check_reason(entry.reason)
+        earlier = rows.get((account_id, address))
+        if earlier is None or replaces(reason, earlier["reason"]):
+            rows[(account_id, address)] = {
+                "account_id": account_id,
+                "address": address,
+                "reason": reason,
+                "detail": None if entry.detail is None else _values.text("detail", entry.detail),
+                "created_at": now,
+            }
+    written = 0
+    ordered = list(rows.values())
+    for start in range(0, len(ordered), _CHUNK):
+        written += _upsert(conn, ordered[start : start + _CHUNK])
+    return written
+
+
+def _upsert(conn: Connection, rows: list[dict[str, Any]]) -> int:
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    statement = (
-        insert(suppressions)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["account_id", "address"])
-        .returning(suppressions.c.id)
-    )
-    with explained(conn, missing_parent=f"account {account_id} not found"):
-        added = conn.execute(statement).first()
-    return added is not None
+    values = insert(suppressions).values(rows)
+    c, new = suppressions.c, values.excluded
+    statement = values.on_conflict_do_update(
+        index_elements=[c.account_id, c.address],
+        set_={"reason": new.reason, "detail": new.detail, "created_at": new.created_at},
+        where=sa.and_(new.reason.in_(SUPPRESSION_LIST), c.reason.in_(tuple(OPTIONAL_LISTS))),
+    ).returning(c.id)
+    accounts = sorted({row["account_id"] for row in rows})
+    missing = f"account {' or '.join(str(a) for a in accounts)} not found"
+    with explained(conn, missing_parent=missing):
+        return len(conn.execute(statement).all())
 
 
-def is_suppressed(conn: Connection, account_id: int, addresses: Sequence[str]) -> set[str]:
-    """Those of ``addresses`` (as given) that the account has suppressed, in any case."""
+def replaces(new: str, old: str) -> bool:
+    """Whether adding ``new`` to an address listed as ``old`` changes it (the precedence rule)."""
+    return applies_always(new) and not applies_always(old)
+
+
+def applies_always(reason: str) -> bool:
+    """Whether an entry with ``reason`` keeps every message from its address (unless bypassed).
+
+    True for the suppression list and for any reason that is not a known
+    optional list.
+    """
+    return reason not in OPTIONAL_LISTS
+
+
+def check_reason(reason: Any) -> str:
+    """``reason`` if it names a list; :class:`InvalidInput` listing the allowed ones otherwise."""
+    if reason not in REASONS:
+        raise InvalidInput(f"reason {reason!r} is invalid: must be one of {', '.join(REASONS)}")
+    return str(reason)
+
+
+def listed(conn: Connection, account_id: int, addresses: Sequence[str]) -> dict[str, str]:
+    """Those of ``addresses`` (as given) that are on any of the account's lists, with the reason.
+
+    In any case. One query per 500 distinct addresses: delivery asks once
+    per account per batch.
+    """
     _values.integer("account_id", account_id)
     if isinstance(addresses, str):
         raise InvalidInput("addresses must be a sequence of addresses, not one string")
-    wanted = sorted({address.lower() for address in addresses})
-    found: set[str] = set()
+    wanted = sorted({fold(address) for address in addresses})
+    found: dict[str, str] = {}
     for start in range(0, len(wanted), _CHUNK):
-        query = sa.select(suppressions.c.address).where(
+        query = sa.select(suppressions.c.address, suppressions.c.reason).where(
             suppressions.c.account_id == account_id,
             suppressions.c.address.in_(wanted[start : start + _CHUNK]),
         )
-        found.update(conn.execute(query).scalars())
-    return {address for address in addresses if address.lower() in found}
+        found.update((address, reason) for address, reason in conn.execute(query))
+    return {address: found[fold(address)] for address in addresses if fold(address) in found}
+
+
+def is_suppressed(conn: Connection, account_id: int, addresses: Sequence[str]) -> set[str]:
+    """Those of ``addresses`` (as given) on the account's suppression list, in any case.
+
+    Only the always-applied reasons: an address on an optional list is
+    mailed unless the message asks for that list (use :func:`listed`).
+    """
+    return {
+        a for a, reason in listed(conn, account_id, addresses).items() if applies_always(reason)
+    }
 
 
 def remove_suppression(conn: Connection, account_id: int, address: str) -> bool:
-    """Allow sending to ``address`` again; True if it was suppressed."""
+    """Take ``address`` off whatever list it is on; True if it was listed."""
     statement = sa.delete(suppressions).where(
         suppressions.c.account_id == _values.integer("account_id", account_id),
         suppressions.c.address == normalise(address),
@@ -103,8 +220,10 @@ def remove_suppression(conn: Connection, account_id: int, address: str) -> bool:
     return conn.execute(statement).rowcount > 0
 
 
-def list_suppressions(conn: Connection, account_id: int, limit: int = 100) -> list[Suppression]:
-    """The account's suppressed addresses, newest first."""
+def list_suppressions(
+    conn: Connection, account_id: int, limit: int = 100, *, reason: str | None = None
+) -> list[Suppression]:
+    """The account's listed addresses, newest first; only one list's with ``reason``."""
     if _values.integer("limit", limit) < 0:
         raise InvalidInput(f"limit must not be negative, got {limit}")
     query = (
@@ -113,16 +232,32 @@ def list_suppressions(conn: Connection, account_id: int, limit: int = 100) -> li
         .order_by(suppressions.c.id.desc())
         .limit(limit)
     )
+    if reason is not None:
+        query = query.where(suppressions.c.reason == check_reason(reason))
     return [_suppression(row) for row in conn.execute(query)]
 
 
 def normalise(address: str) -> str:
     """The form addresses are stored and compared in: lower-cased, whole."""
     text = _values.text("address", address)
-    local, at, domain = text.rpartition("@")
-    if not (local and at and domain) or text != text.strip() or not text.isprintable():
+    if not is_address(text):
         raise InvalidInput(f"address must look like local@domain, got {address!r}")
-    return text.lower()
+    return fold(text)
+
+
+def is_address(text: str) -> bool:
+    """Whether ``text`` can be listed: ``local@domain``, printable, no surrounding space.
+
+    For callers that list addresses as a side effect (the queue sweep) and
+    skip what cannot be listed rather than fail.
+    """
+    local, at, domain = text.rpartition("@")
+    return bool(local and at and domain) and text == text.strip() and text.isprintable()
+
+
+def fold(address: str) -> str:
+    """The key addresses are compared by: lower-cased (full Unicode), nothing else changed."""
+    return address.lower()
 
 
 def _suppression(row: sa.Row[Any]) -> Suppression:

@@ -238,6 +238,7 @@ class Env:
         options: dict[str, Any] | None = None,
         header_from: str = "news@shop.example",
         received_at: datetime | None = None,
+        expires_in: timedelta = timedelta(days=3),
     ) -> str:
         now = received_at or datetime.now(UTC) - timedelta(seconds=5)
         message_id = uuid.uuid4().hex
@@ -267,7 +268,7 @@ class Env:
                     domain=address.rpartition("@")[2],
                     priority=priority,
                     next_attempt_at=now,
-                    expires_at=now + timedelta(days=3),
+                    expires_at=now + expires_in,
                 )
                 for address in addresses
             ),
@@ -284,10 +285,17 @@ class Env:
         with self.db.connect() as conn:
             return [e for e in message_store.events_of(conn, message_id) if e.type == kind]
 
-    def suppressed(self) -> set[str]:
+    def suppressed(self) -> dict[str, str]:
+        """Every listed address of the account, with its list."""
         with self.db.connect() as conn:
             rows = suppression_store.list_suppressions(conn, self.account_id)
-        return {row.address for row in rows}
+        return {row.address: row.reason for row in rows}
+
+    def listed(self, address: str, reason: str, detail: str | None = None) -> None:
+        with self.db.begin() as conn:
+            suppression_store.add_suppression(
+                conn, self.account_id, address, reason, detail, now=datetime.now(UTC)
+            )
 
     def verp_for(self, recipient_id: int) -> str:
         key = crypto.derive_key(MASTER, VERP_KEY_PURPOSE)
@@ -366,13 +374,18 @@ def test_delivers_signed_copy_with_verp_sender(env: Env) -> None:
 
 def test_replies_decide_each_recipient(env: Env) -> None:
     message_id = env.message(
-        "ok@example.test", "later@example.test", "gone@example.test", "policy@example.test"
+        "ok@example.test",
+        "later@example.test",
+        "gone@example.test",
+        "policy@example.test",
+        "content@example.test",
     )
     receiver = Receiver(
         replies={
             "later@example.test": p.Reply(450, "4.2.0", ("Mailbox busy, try again later",)),
             "gone@example.test": p.Reply(550, "5.1.1", ("No such user here",)),
             "policy@example.test": p.Reply(550, "5.7.1", ("Message refused by local policy",)),
+            "content@example.test": p.Reply(554, "5.6.0", ("Message content rejected",)),
         }
     )
     before = datetime.now(UTC)
@@ -387,10 +400,22 @@ def test_replies_decide_each_recipient(env: Env) -> None:
     assert later.last_reply is not None and later.last_reply.startswith("450 4.2.0")
     assert rows["gone@example.test"].status == "failed"
     assert rows["policy@example.test"].status == "failed"
-    assert env.suppressed() == {"gone@example.test"}  # 5.1.1 suppresses, 5.7.1 does not
+    assert rows["content@example.test"].status == "failed"
+    # 5.1.1 suppresses; a policy or content refusal only lists the address as returned
+    assert env.suppressed() == {
+        "gone@example.test": "hard_bounce",
+        "policy@example.test": "returned",
+        "content@example.test": "returned",
+    }
+    with env.db.connect() as conn:
+        details = {
+            s.address: s.detail for s in suppression_store.list_suppressions(conn, env.account_id)
+        }
+    assert details["policy@example.test"] == "550 5.7.1 Message refused by local policy"
     failed = {e.recipient_id: e.data for e in env.events(message_id, "failed")}
     assert failed[rows["gone@example.test"].id]["kind"] == "hard"
     assert failed[rows["policy@example.test"].id]["kind"] == "policy"
+    assert failed[rows["content@example.test"].id]["kind"] == "content"
     assert [m.recipients for m in receiver.messages] == [("ok@example.test",)]
 
 
@@ -409,7 +434,7 @@ def test_null_mx_fails_and_servfail_defers(env: Env) -> None:
     assert broken.next_attempt_at >= before + timedelta(seconds=60)
     assert env.events(broken_id, "deferred")[0].data["status"] == "4.4.3"
     assert receiver.messages == []
-    assert env.suppressed() == set()
+    assert env.suppressed() == {}
 
 
 def test_higher_priority_is_leased_first(env: Env) -> None:
@@ -448,6 +473,11 @@ def test_suppressed_address_is_not_sent(env: Env) -> None:
     rows = env.recipients(message_id)
     assert rows["ann@example.test"].status == "suppressed"
     assert rows["bob@example.test"].status == "delivered"
+    (event,) = env.events(message_id, "suppressed")
+    assert event.data == {
+        "reason": "address is on the account's suppression list (manual)",
+        "filter": "manual",
+    }
     assert env.recipients(bypass_id)["ann@example.test"].status == "delivered"
     assert sorted(m.recipients for m in receiver.messages) == [
         ("ann@example.test",),
@@ -480,6 +510,7 @@ def test_template_named_in_the_headers_is_rendered_and_signed(env: Env) -> None:
     message_id = env.message(
         "ann@example.test", options=SendOptions().layer(parsed.partial).to_json()
     )
+
     receiver = Receiver()
     run(deliver(env, receiver))
 
@@ -1139,7 +1170,7 @@ def test_wrong_password_at_the_relay_defers_with_the_reason(env: Env, pki: Pki) 
     assert event.data["transport"] == "smarthost"
     assert relay.auth_attempts == [("PLAIN", RELAY_USER, False)]
     assert relay.messages == []
-    assert env.suppressed() == set()
+    assert env.suppressed() == {}
 
 
 def test_plaintext_relay_is_not_sent_the_password_unless_allowed(env: Env) -> None:
@@ -1228,3 +1259,143 @@ def test_a_broken_handshake_is_not_retried_in_plaintext_with_credentials(env: En
     assert row.last_reply.startswith("TLS handshake with 127.0.0.1 failed")
     assert connections == 1  # no second, plaintext, connection
     assert not any(line.startswith(b"AUTH") for line in lines)
+
+
+# -- X-ListOption list filtering -------------------------------------------------------------
+
+LISTED = {
+    "gone@example.test": "hard_bounce",
+    "spam@example.test": "complaint",
+    "unsub@example.test": "unsubscribe",
+    "block@example.test": "blocklist",
+    "back@example.test": "returned",
+}
+ALWAYS = "address is on the account's suppression list ({})"
+UNSUB = "address unsubscribed (X-ListOption 32)"
+BLOCK = "address is on the account's blocklist (X-ListOption 128)"
+BACK = "earlier mail to this address came back (X-ListOption 512)"
+
+
+@pytest.mark.parametrize(
+    ("list_options", "filtered"),
+    [
+        ({}, {}),
+        ({"remove_unsubscribed": True}, {"unsub@example.test": (UNSUB, "unsubscribe")}),
+        ({"remove_blacklisted": True}, {"block@example.test": (BLOCK, "blocklist")}),
+        ({"remove_bounced": True}, {"back@example.test": (BACK, "returned")}),
+        (
+            {"remove_unsubscribed": True, "remove_blacklisted": True, "remove_bounced": True},
+            {
+                "unsub@example.test": (UNSUB, "unsubscribe"),
+                "block@example.test": (BLOCK, "blocklist"),
+                "back@example.test": (BACK, "returned"),
+            },
+        ),
+    ],
+)
+def test_list_bits_filter_only_the_lists_they_name(
+    env: Env, list_options: dict[str, bool], filtered: dict[str, tuple[str, str]]
+) -> None:
+    for address, reason in LISTED.items():
+        env.listed(address, reason)
+    message_id = env.message(*LISTED, "fresh@example.test", options=list_options)
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    # the suppression list applies whatever the bits
+    expected = {
+        "gone@example.test": (ALWAYS.format("hard_bounce"), "hard_bounce"),
+        "spam@example.test": (ALWAYS.format("complaint"), "complaint"),
+        **filtered,
+    }
+    rows = env.recipients(message_id)
+    assert {a for a, r in rows.items() if r.status == "suppressed"} == set(expected)
+    assert {a for a, r in rows.items() if r.status == "delivered"} == (set(rows) - set(expected))
+    by_id = {r.id: a for a, r in rows.items()}
+    events = {
+        by_id[e.recipient_id]: (e.data["reason"], e.data["filter"])
+        for e in env.events(message_id, "suppressed")
+        if e.recipient_id is not None
+    }
+    assert events == expected
+    assert sorted(m.recipients[0] for m in receiver.messages) == sorted(set(rows) - set(expected))
+    assert all(rows[a].attempts == 0 for a in expected)
+
+
+def test_65536_bypasses_every_list_and_duplicates(env: Env) -> None:
+    for address, reason in LISTED.items():
+        env.listed(address, reason)
+    everything = {
+        "remove_duplicates": True,
+        "remove_unsubscribed": True,
+        "remove_blacklisted": True,
+        "remove_bounced": True,
+        "bypass_list_filters": True,
+    }
+    message_id = env.message(*LISTED, "GONE@example.test", options=everything)
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    with env.db.connect() as conn:
+        statuses = [r.status for r in message_store.recipients_of(conn, message_id)]
+    assert statuses == ["delivered"] * 6
+    assert env.events(message_id, "suppressed") == []
+    assert len(receiver.messages) == 6
+
+
+def test_duplicates_are_sent_once_only_with_64(env: Env) -> None:
+    addresses = ("ann@example.test", "Ann@Example.TEST", "bob@example.test", "ann@example.test")
+    deduped = env.message(*addresses, options={"remove_duplicates": True})
+    kept = env.message(*addresses)
+    receiver = Receiver()
+    # one row per batch: the twins of a row are filtered in later batches too
+    assert run(deliver(env, receiver, lease_batch=1, rounds=9)) == [1] * 8 + [0]
+
+    with env.db.connect() as conn:
+        rows = message_store.recipients_of(conn, deduped)
+        plain = message_store.recipients_of(conn, kept)
+    assert [r.status for r in rows] == ["delivered", "suppressed", "delivered", "suppressed"]
+    assert [r.status for r in plain] == ["delivered"] * 4
+    events = env.events(deduped, "suppressed")
+    assert [e.recipient_id for e in events] == [rows[1].id, rows[3].id]
+    assert {(e.data["reason"], e.data["filter"]) for e in events} == {
+        ("duplicate recipient of this message", "duplicate")
+    }
+    assert len(receiver.messages) == 2 + 4
+
+
+def test_a_duplicate_of_a_suppressed_address_is_reported_as_a_duplicate(env: Env) -> None:
+    env.listed("gone@example.test", "hard_bounce")
+    message_id = env.message(
+        "gone@example.test", "gone@example.test", options={"remove_duplicates": True}
+    )
+    run(deliver(env, Receiver()))
+
+    reasons = [e.data["reason"] for e in env.events(message_id, "suppressed")]
+    assert reasons == [ALWAYS.format("hard_bounce"), "duplicate recipient of this message"]
+
+
+def test_an_expired_recipient_is_returned_and_512_then_filters_it(env: Env) -> None:
+    first = env.message("slow@example.test", expires_in=timedelta(seconds=30))
+    receiver = Receiver(replies={"slow@example.test": p.Reply(450, "4.2.0", ("Busy",))})
+    run(deliver(env, receiver))
+    assert env.recipients(first)["slow@example.test"].status == "expired"
+    assert env.suppressed() == {"slow@example.test": "returned"}
+
+    asks = env.message("slow@example.test", options={"remove_bounced": True})
+    plain = env.message("slow@example.test")
+    receiver = Receiver()
+    run(deliver(env, receiver))
+    assert env.recipients(asks)["slow@example.test"].status == "suppressed"
+    assert env.events(asks, "suppressed")[0].data["reason"] == BACK
+    assert env.recipients(plain)["slow@example.test"].status == "delivered"
+
+
+def test_a_hard_bounce_replaces_a_returned_entry(env: Env) -> None:
+    env.listed("gone@example.test", "returned", "550 5.7.1 policy")
+    message_id = env.message("gone@example.test", options={"bypass_list_filters": True})
+    receiver = Receiver(replies={"gone@example.test": p.Reply(550, "5.1.1", ("No such user",))})
+    run(deliver(env, receiver))
+
+    assert env.recipients(message_id)["gone@example.test"].status == "failed"
+    assert env.suppressed() == {"gone@example.test": "hard_bounce"}

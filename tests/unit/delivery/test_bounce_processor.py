@@ -275,16 +275,44 @@ def test_a_hard_bounce_bounces_and_suppresses_the_recipient(world: World) -> Non
     ]
 
 
-def test_a_bounce_that_is_not_hard_bounces_without_suppressing(world: World) -> None:
-    recipient_id = world.send("full@example.org")
-    raw = dsn(recipient_id, "full@example.org", code="552", status="5.2.2", text="Mailbox full")
+@pytest.mark.parametrize(
+    ("code", "status", "text", "kind"),
+    [
+        ("552", "5.2.2", "Mailbox full", "soft"),
+        ("550", "5.7.1", "Message refused by local policy", "policy"),
+        ("554", "5.6.0", "Message content rejected as spam", "content"),
+    ],
+)
+def test_a_bounce_that_is_not_hard_lists_the_address_as_returned(
+    world: World, code: str, status: str, text: str, kind: str
+) -> None:
+    recipient_id = world.send("back@example.org")
+    raw = dsn(recipient_id, "back@example.org", code=code, status=status, text=text)
     world.receive(raw, address_for(recipient_id))
 
     assert world.processor.run_once() == 1
 
     assert world.status(recipient_id) == "bounced"
-    assert world.events(type="bounced")[0]["data"]["classification"] == "soft"
-    assert world.suppressed() == {}
+    assert world.events(type="bounced")[0]["data"]["classification"] == kind
+    # not suppressed: only mail asking for X-ListOption 512 avoids the address
+    assert world.suppressed() == {"back@example.org": "returned"}
+    with world.db.connect() as conn:
+        (entry,) = list_suppressions(conn, world.account_id)
+    assert entry.detail == f"{code} {status} <back@example.org>: {text}"
+
+
+def test_a_hard_bounce_after_a_returned_entry_suppresses(world: World) -> None:
+    first = world.send("gone@example.org")
+    world.receive(
+        dsn(first, "gone@example.org", code="550", status="5.7.1", text="Refused by policy"),
+        address_for(first),
+    )
+    second = world.send("gone@example.org")
+    world.receive(dsn(second, "gone@example.org"), address_for(second))
+
+    assert world.processor.run_once() == 2
+
+    assert world.suppressed() == {"gone@example.org": "hard_bounce"}
 
 
 def test_a_delayed_report_records_a_delay_and_changes_nothing(world: World) -> None:

@@ -33,6 +33,7 @@ from postlane.store.queue import (
     retry,
 )
 from postlane.store.schema import events, recipients
+from postlane.store.suppressions import add_suppression, list_suppressions
 
 T0 = datetime(2024, 5, 1, 8, 0, 0, 250000, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
@@ -573,6 +574,81 @@ def test_mark_suppressed(db: Database, account: Account) -> None:
     stored = row(db, rid)
     assert (stored["status"], stored["attempts"], stored["lease_owner"]) == ("suppressed", 0, None)
     assert queue_events(db, rid) == [("suppressed", {"reason": "hard_bounce"})]
+
+
+def test_mark_suppressed_with_facts_for_programs(db: Database, account: Account) -> None:
+    rid = leased_row(db, account)
+    with db.begin() as conn:
+        assert mark_suppressed(
+            conn,
+            rid,
+            owner="w1",
+            now=T0,
+            reason="address unsubscribed (X-ListOption 32)",
+            data={"filter": "unsubscribe", "reason": "overridden"},
+        )
+    assert queue_events(db, rid) == [
+        (
+            "suppressed",
+            {"reason": "address unsubscribed (X-ListOption 32)", "filter": "unsubscribe"},
+        )
+    ]
+
+
+def listed_as(db: Database, account: Account) -> dict[str, tuple[str, str | None]]:
+    with db.connect() as conn:
+        found = list_suppressions(conn, account.id, 1000)
+    return {s.address: (s.reason, s.detail) for s in found}
+
+
+def test_an_expiry_after_a_try_lists_the_address_as_returned(
+    db: Database, account: Account
+) -> None:
+    tried, untried, earlier, bounced = enqueue(
+        db, account.id, "EXP", "t@x.org", "u@x.org", "e@x.org", "h@x.org"
+    )
+    with db.begin() as conn:
+        conn.execute(
+            sa.update(recipients)
+            .where(recipients.c.id == earlier)
+            .values(attempts=2, last_reply="451 try later")
+        )
+        add_suppression(conn, account.id, "h@x.org", "hard_bounce", "550 5.1.1", now=T0)
+    assert len(lease(db, "w1")) == 4
+    with db.begin() as conn:
+        assert mark_expired(conn, tried, owner="w1", now=T0, reply="421 busy", data={})
+        assert mark_expired(conn, untried, owner="w1", now=T0, reply=None, data={}, attempted=False)
+        assert mark_expired(conn, earlier, owner="w1", now=T0, reply=None, data={}, attempted=False)
+        assert mark_expired(conn, bounced, owner="w1", now=T0, reply="421 busy", data={})
+        # a lost lease writes nothing, on the list either
+        assert not mark_expired(conn, untried, owner="w1", now=T0, reply="421", data={})
+    assert listed_as(db, account) == {
+        "t@x.org": ("returned", "expired undelivered after 1 attempt; last reply: 421 busy"),
+        "e@x.org": ("returned", "expired undelivered after 2 attempts"),
+        "h@x.org": ("hard_bounce", "550 5.1.1"),  # a hard bounce is not weakened
+    }
+
+
+def test_expire_overdue_lists_tried_rows_as_returned(db: Database, account: Account) -> None:
+    never, deferred, odd = enqueue(
+        db, account.id, "OLD", "never@x.org", "deferred@x.org", "postmaster", expires_at=T0
+    )
+    with db.begin() as conn:
+        conn.execute(
+            sa.update(recipients)
+            .where(recipients.c.id.in_([deferred, odd]))
+            .values(status="deferred", attempts=3, last_reply="450 4.2.0 mailbox busy")
+        )
+    with db.begin() as conn:
+        assert expire_overdue(conn, now=T0) == 3
+    assert {row(db, rid)["status"] for rid in (never, deferred, odd)} == {"expired"}
+    # never tried: nothing known about the address; "postmaster" cannot be listed: skipped
+    assert listed_as(db, account) == {
+        "deferred@x.org": (
+            "returned",
+            "expired undelivered after 3 attempts; last reply: 450 4.2.0 mailbox busy",
+        )
+    }
 
 
 def test_outcome_data_must_be_json(db: Database, account: Account) -> None:
