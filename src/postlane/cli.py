@@ -555,6 +555,57 @@ def message_show(
     out.print(etable)
 
 
+@message_app.command("archive")
+def message_archive(
+    message_id: Annotated[str, typer.Argument(help="Queue id (the id in '250 ... queued as')")],
+    recipient: Annotated[
+        str | None,
+        typer.Option("--recipient", help="Write this recipient's copy (raw bytes) to stdout"),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="With --recipient: write the copy to FILE")
+    ] = None,
+) -> None:
+    """List the copies kept of a message sent with X-JobOption 128 (archive), or write one.
+
+    Each is the copy as it left for that recipient: rendered and DKIM-signed.
+
+    Example: postlane message archive 06H0T9T0KVCEJH8W --recipient bob@example.org > bob.eml
+    """
+    from postlane.store import archive as archive_store
+
+    queue_id = message_id.strip().upper()
+    if output is not None and recipient is None:
+        _fail("--output needs --recipient: which recipient's copy to write")
+    with _state.db.connect() as conn:
+        copies = archive_store.archived_copies_of(conn, queue_id, address=recipient)
+    if recipient is not None:
+        if not copies:
+            _fail(f"no archived copy of message {queue_id} for {recipient}")
+        data = copies[0].data
+        if output is not None:
+            try:
+                output.write_bytes(data)
+            except OSError as exc:
+                _fail(f"cannot write {output}: {exc.strerror or exc}")
+            out.print(f"{len(data)} bytes written to {output}", markup=False)
+        else:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        return
+    if not copies:
+        _fail(f"no archived copies of message {queue_id} (sent without X-JobOption 128?)")
+    table = Table("recipient id", "recipient", "bytes", "archived (UTC)")
+    for copy in copies:
+        table.add_row(
+            str(copy.recipient_id),
+            copy.address,
+            str(len(copy.data)),
+            f"{copy.created_at:%Y-%m-%d %H:%M:%S}",
+        )
+    out.print(table)
+
+
 # -- queue ---------------------------------------------------------------------------------
 
 queue_app = typer.Typer(

@@ -131,6 +131,7 @@ from postlane.options.model import SendOptions
 from postlane.render.dkim import DkimKey
 from postlane.store import Database, queue
 from postlane.store import accounts as account_store
+from postlane.store import archive as archive_store
 from postlane.store import domains as domain_store
 from postlane.store import messages as message_store
 from postlane.store import suppressions as suppression_store
@@ -627,6 +628,8 @@ class DeliveryWorker:
         except PostlaneError as exc:
             await self._fail(row, str(exc), {"stage": "render"})
             return None
+        if options.archive_copy:  # X-JobOption 128: keep what leaves (store/archive.py)
+            await self._record(row, _archiving(row, data, self._clock()))
         if options.test_mode:
             await self._record(
                 row,
@@ -1404,6 +1407,22 @@ def _list_returned(conn: Connection, row: queue.Leased, reply: str, now: datetim
 def _throttled(reply: Reply) -> bool:
     """Whether a refusal says the receiver wants us to slow down (421, 4.7.x rate limits)."""
     return classify(reply.code, reply.enhanced, reply.text).kind == BounceKind.THROTTLED
+
+
+def _archiving(row: queue.Leased, data: bytes, now: datetime) -> Callable[[Connection], bool]:
+    def archive(conn: Connection) -> bool:
+        archive_store.archive_copy(
+            conn,
+            account_id=row.account_id,
+            message_id=row.message_id,
+            recipient_id=row.id,
+            address=row.address,
+            data=data,
+            now=now,
+        )
+        return True  # a copy kept by an earlier attempt is just as good
+
+    return archive
 
 
 def _rescheduling(

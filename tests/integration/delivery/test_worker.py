@@ -1399,3 +1399,40 @@ def test_a_hard_bounce_replaces_a_returned_entry(env: Env) -> None:
 
     assert env.recipients(message_id)["gone@example.test"].status == "failed"
     assert env.suppressed() == {"gone@example.test": "hard_bounce"}
+
+
+# -- X-JobOption 128: archived copies ------------------------------------------------------------
+
+
+def test_archive_keeps_each_recipients_copy_as_sent(env: Env) -> None:
+    from postlane.store.archive import archived_copies_of
+
+    kept = env.message("ann@example.test", "bob@example.test", options={"archive_copy": True})
+    plain = env.message("carl@example.test")
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    with env.db.connect() as conn:
+        copies = archived_copies_of(conn, kept)
+        assert archived_copies_of(conn, plain) == []
+    received = {m.recipients[0]: m.data for m in receiver.messages}
+    assert {c.address: c.data for c in copies} == {
+        "ann@example.test": received["ann@example.test"],
+        "bob@example.test": received["bob@example.test"],
+    }
+    rows = env.recipients(kept)
+    assert {c.recipient_id for c in copies} == {rows[a].id for a in rows}
+
+
+def test_archive_in_test_mode_keeps_the_copy_that_was_not_sent(env: Env) -> None:
+    from postlane.store.archive import archived_copies_of
+
+    message_id = env.message("ann@example.test", options={"archive_copy": True, "test_mode": True})
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    assert receiver.messages == []
+    with env.db.connect() as conn:
+        (copy,) = archived_copies_of(conn, message_id)
+    assert dkim.verify(copy.data, dnsfunc=env.dkim_dns())
+    assert env.events(message_id, "delivered")[0].data["size"] == len(copy.data)
