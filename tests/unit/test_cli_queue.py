@@ -124,9 +124,9 @@ def test_queue_actions(run: Run, database_url: str) -> None:
     assert "3 recipient(s) cancelled" in ok(run("queue", "cancel", "--all"))  # held ones too
     assert set(statuses(database_url).values()) == {"cancelled"}
     assert "0 recipient(s) released" in ok(run("queue", "release", "999"))
-    assert event_types(database_url, a1) == ["held", "cancelled"]
-    assert event_types(database_url, a2) == ["held", "released", "cancelled"]
-    assert event_types(database_url, a3) == ["retried", "cancelled"]
+    assert event_types(database_url, a1) == ["queued", "held", "cancelled"]
+    assert event_types(database_url, a2) == ["queued", "held", "released", "cancelled"]
+    assert event_types(database_url, a3) == ["queued", "retried", "cancelled"]
 
 
 def test_queue_bad_input(run: Run, database_url: str) -> None:

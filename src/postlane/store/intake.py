@@ -66,7 +66,8 @@ def find_duplicates(conn: Connection, keys: Sequence[str], since: datetime) -> d
 
 
 def insert_messages(conn: Connection, batch: Sequence[NewMessage]) -> None:
-    """Store messages, their recipients and their ``accepted`` events."""
+    """Store messages, their recipients, each message's ``accepted`` event (or its
+    ``event_type``) and one ``queued`` event per recipient."""
     if not batch:
         return
     conn.execute(
@@ -91,7 +92,7 @@ def insert_messages(conn: Connection, batch: Sequence[NewMessage]) -> None:
             for m in batch
         ],
     )
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "message_id": m.id,
             "account_id": m.account_id,
@@ -107,21 +108,40 @@ def insert_messages(conn: Connection, batch: Sequence[NewMessage]) -> None:
         for m in batch
         for r in m.recipients
     ]
+    event_rows: list[dict[str, Any]] = [
+        {
+            "account_id": m.account_id,
+            "message_id": m.id,
+            "recipient_id": None,
+            "type": m.event_type,
+            "created_at": m.received_at,
+            "data": m.event_data,
+        }
+        for m in batch
+    ]
     if rows:
-        conn.execute(recipients.insert(), rows)
-    conn.execute(
-        events.insert(),
-        [
-            {
-                "account_id": m.account_id,
-                "message_id": m.id,
-                "type": m.event_type,
-                "created_at": m.received_at,
-                "data": m.event_data,
-            }
-            for m in batch
-        ],
-    )
+        # One "queued" event per recipient row, so each recipient's timeline
+        # starts where the queue does; the ids come back in parameter order.
+        inserted = conn.execute(
+            recipients.insert().returning(recipients.c.id, sort_by_parameter_order=True), rows
+        )
+        for row, recipient_id in zip(rows, inserted.scalars(), strict=True):
+            event_rows.append(
+                {
+                    "account_id": row["account_id"],
+                    "message_id": row["message_id"],
+                    "recipient_id": recipient_id,
+                    "type": "queued",
+                    "created_at": row["created_at"],
+                    "data": {
+                        "recipient": row["address"],
+                        "priority": row["priority"],
+                        "next_attempt_at": row["next_attempt_at"].isoformat(),
+                        "expires_at": row["expires_at"].isoformat(),
+                    },
+                }
+            )
+    conn.execute(events.insert(), event_rows)
     alert_rows = [
         {
             "account_id": m.account_id,

@@ -172,7 +172,9 @@ def test_commit_returns_the_queue_id_once_durable(
     assert result.duplicate_of is None
     assert message_ids(db) == [message.id]
     assert count(db, recipients) == 1
-    assert event_rows(db) == [(message.id, "accepted", message.event_data)]
+    accepted, queued = event_rows(db)
+    assert accepted == (message.id, "accepted", message.event_data)
+    assert queued[:2] == (message.id, "queued")
 
 
 def test_lone_commit_is_one_transaction(
@@ -274,6 +276,7 @@ def test_duplicate_across_batches_returns_the_original(
     assert count(db, recipients) == 1
     assert [(m, t) for m, t, _ in event_rows(db)] == [
         (first.id, "accepted"),
+        (first.id, "queued"),
         (first.id, "duplicate"),
         (first.id, "duplicate"),
     ]

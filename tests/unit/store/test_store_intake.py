@@ -132,13 +132,41 @@ def test_insert_messages_writes_one_event_per_message(db: Database, account: Acc
         new_message(account.id, "Q1"),
         new_message(account.id, "Q2", addresses=("a@x.example", "b@x.example")),
     )
-    found = rows(db, events, events.c.id)
+    found = [e for e in rows(db, events, events.c.id) if e["type"] != "queued"]
     assert [(e["message_id"], e["type"]) for e in found] == [("Q1", "accepted"), ("Q2", "accepted")]
     assert all(e["account_id"] == account.id for e in found)
     assert all(e["recipient_id"] is None for e in found)
     assert found[0]["created_at"] == T0
     assert found[0]["data"] == {"session": "s-1", "size": 40}
     assert len(rows(db, recipients, recipients.c.id)) == 3
+
+
+def test_insert_messages_writes_a_queued_event_per_recipient(
+    db: Database, account: Account
+) -> None:
+    write(
+        db,
+        new_message(account.id, "Q1"),
+        new_message(account.id, "Q2", addresses=("a@x.example", "b@x.example")),
+    )
+    queued = [e for e in rows(db, events, events.c.id) if e["type"] == "queued"]
+    stored = rows(db, recipients, recipients.c.id)
+    assert [(e["message_id"], e["recipient_id"]) for e in queued] == [
+        (r["message_id"], r["id"]) for r in stored
+    ]
+    assert [e["data"]["recipient"] for e in queued] == [
+        "bob@example.org",
+        "a@x.example",
+        "b@x.example",
+    ]
+    first = queued[0]
+    assert first["account_id"] == account.id and first["created_at"] == T0
+    assert first["data"] == {
+        "recipient": "bob@example.org",
+        "priority": 2,
+        "next_attempt_at": (T0 + timedelta(minutes=5)).isoformat(),
+        "expires_at": (T0 + timedelta(days=3)).isoformat(),
+    }
 
 
 def test_insert_inbound_message_writes_no_recipients(db: Database, account: Account) -> None:
@@ -273,7 +301,7 @@ def test_record_duplicates_writes_an_event_on_the_original(db: Database, account
     again = new_message(account.id, "Q9", dedupe_key="k", received_at=T0 + timedelta(minutes=1))
     with db.begin() as conn:
         record_duplicates(conn, [(again, "Q1")])
-    found = rows(db, events, events.c.id)
+    found = [e for e in rows(db, events, events.c.id) if e["type"] != "queued"]
     assert [(e["message_id"], e["type"]) for e in found] == [
         ("Q1", "accepted"),
         ("Q1", "duplicate"),
