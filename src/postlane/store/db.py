@@ -19,6 +19,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from postlane.errors import StoreError
+from postlane.store._writer_lock import WriterLock
 
 DialectName = Literal["sqlite", "postgresql"]
 
@@ -61,6 +62,10 @@ class Database:
             raise StoreError(f"unsupported database dialect {name!r}")
         self._engine = engine
         self._dialect_name: DialectName = "sqlite" if name == "sqlite" else "postgresql"
+        self._writer: WriterLock | None = None
+        database = engine.url.database
+        if name == "sqlite" and database and database != ":memory:":
+            self._writer = WriterLock(Path(database), SQLITE_BUSY_TIMEOUT_MS / 1000)
 
     @classmethod
     def from_url(cls, url: str) -> Database:
@@ -111,9 +116,20 @@ class Database:
         On SQLite it starts with ``BEGIN IMMEDIATE``, taking the write lock at
         once: a deferred transaction that reads and then writes can fail with
         "database is locked" without waiting, whereas an immediate one waits
-        for the busy timeout. A database failure escapes as :class:`StoreError`
-        (the driver's exception is its ``__cause__``).
+        for the busy timeout. Writers of a SQLite file first take their turn
+        from :class:`~postlane.store._writer_lock.WriterLock`, which wakes the
+        next one as soon as a commit ends. A database failure escapes as
+        :class:`StoreError` (the driver's exception is its ``__cause__``).
         """
+        if self._writer is None:
+            with self._begin() as conn:
+                yield conn
+            return
+        with self._writer.held(), self._begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
         try:
             with self._engine.connect() as conn:
                 conn.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
@@ -139,6 +155,9 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection (on shutdown, or after a fork)."""
         self._engine.dispose()
+        if self._writer is not None:
+            # a forked child must open its own: a shared open file shares the flock
+            self._writer.close()
 
     def __repr__(self) -> str:
         return f"Database({self.url})"
