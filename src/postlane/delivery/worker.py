@@ -22,6 +22,10 @@ One :class:`DeliveryWorker` per process (the ``delivery`` role). Its loop:
    ``delivery.connection_cache_seconds``), else a new one — and send every
    copy over it, pipelined; record each outcome.
 
+While rows are in flight their leases are renewed every third of
+``lease_seconds``, so a slow receiver never lets another worker's sweep
+take a row that is still being sent.
+
 Outcomes, each in its own short transaction fenced on the lease (see
 :mod:`postlane.store.queue`): 2xx delivered; 4xx, a lost connection or no
 reachable host deferred with backoff (at least a minute, never past the
@@ -354,6 +358,8 @@ class DeliveryWorker:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._leased: set[int] = set()  # ids of the rows in flight, for lease renewal
         self._last_sweep = float("-inf")
         self._identities: dict[tuple[int, datetime], _Identity] = {}
         self._recipient_facts: OrderedDict[str, _Recipients] = OrderedDict()
@@ -371,6 +377,7 @@ class DeliveryWorker:
         """Start the loop; returns at once."""
         self._stopping.clear()
         self._loop_task = asyncio.create_task(self._run(), name="delivery-loop")
+        self._renew_task = asyncio.create_task(self._renew_leases(), name="delivery-renew")
         log.info("delivery worker %s started", self.owner)
 
     async def stop(self) -> None:
@@ -389,6 +396,10 @@ class DeliveryWorker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._renew_task is not None:
+            self._renew_task.cancel()
+            await asyncio.gather(self._renew_task, return_exceptions=True)
+            self._renew_task = None
         await self.close_idle()
         log.info("delivery worker %s stopped", self.owner)
 
@@ -474,23 +485,47 @@ class DeliveryWorker:
         tasks = []
         for domain, members in groups.items():
             self._in_flight += len(members)
+            self._leased.update(member.id for member in members)
             task = asyncio.create_task(
                 self._group(domain, members, batch), name=f"deliver:{domain}"
             )
             self._groups.add(task)
-            task.add_done_callback(self._group_done(len(members)))
+            task.add_done_callback(self._group_done(members))
             tasks.append(task)
         return tasks
 
-    def _group_done(self, count: int) -> Callable[[asyncio.Task[None]], None]:
+    def _group_done(self, members: list[queue.Leased]) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
             self._groups.discard(task)
-            self._in_flight -= count
+            self._in_flight -= len(members)
+            self._leased.difference_update(member.id for member in members)
             self._wake.set()
             if not task.cancelled() and task.exception() is not None:
                 log.error("delivery group failed", exc_info=task.exception())
 
         return done
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, extend the leases of the rows still in flight.
+
+        A row's outcome normally comes in well within its lease; a slow
+        receiver (timeouts up to ``command_timeout`` per reply), a throttled
+        destination or a large group can take longer, and a sweep elsewhere
+        would then hand the row to another worker while this one sends it.
+        Rows already reported are no longer ``sending`` and are left alone.
+        """
+        lease_for = timedelta(seconds=self._settings.lease_seconds)
+        while True:
+            await asyncio.sleep(self._settings.lease_seconds / 3)
+            ids = list(self._leased)
+            if not ids:
+                continue
+            try:
+                renewed = await self._write(_renewing(ids, self.owner, self._clock(), lease_for))
+            except Exception:  # the database may be down a moment; the next round retries
+                log.exception("renewing %d leases failed", len(ids))
+                continue
+            log.debug("renewed %d of %d leases", renewed, len(ids))
 
     async def _sweep_if_due(self) -> None:
         loop_time = asyncio.get_running_loop().time()
@@ -1407,6 +1442,15 @@ def _list_returned(conn: Connection, row: queue.Leased, reply: str, now: datetim
 def _throttled(reply: Reply) -> bool:
     """Whether a refusal says the receiver wants us to slow down (421, 4.7.x rate limits)."""
     return classify(reply.code, reply.enhanced, reply.text).kind == BounceKind.THROTTLED
+
+
+def _renewing(
+    ids: list[int], owner: str, now: datetime, lease_for: timedelta
+) -> Callable[[Connection], int]:
+    def renew(conn: Connection) -> int:
+        return queue.renew_leases(conn, ids, owner=owner, now=now, lease_for=lease_for)
+
+    return renew
 
 
 def _archiving(row: queue.Leased, data: bytes, now: datetime) -> Callable[[Connection], bool]:

@@ -213,6 +213,32 @@ def lease_due(
     return leased
 
 
+def renew_leases(
+    conn: Connection, ids: Sequence[int], *, owner: str, now: datetime, lease_for: timedelta
+) -> int:
+    """Extend ``owner``'s leases on ``ids`` to ``now + lease_for``; the number renewed.
+
+    For a worker whose rows take longer than a lease (a slow or tarpitting
+    receiver, many copies on one connection): without renewal another
+    worker's sweep would reclaim rows still being sent, and they would be
+    sent twice. Rows no longer ``sending`` for ``owner`` are left alone.
+    """
+    owner = _values.name("lease owner", owner)
+    _aware("now", now)
+    if lease_for <= timedelta(0):
+        raise InvalidInput(f"lease_for must be positive, got {lease_for}")
+    r = recipients.c
+    renewed = 0
+    for chunk in _chunks(list(ids)):
+        result = conn.execute(
+            sa.update(recipients)
+            .where(r.id.in_(chunk), r.lease_owner == owner, r.status == "sending")
+            .values(lease_expires_at=now + lease_for)
+        )
+        renewed += result.rowcount
+    return renewed
+
+
 def reclaim_expired_leases(conn: Connection, *, now: datetime) -> int:
     """Return rows whose lease ran out before ``now`` to ``deferred``, due at once.
 

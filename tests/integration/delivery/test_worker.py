@@ -85,6 +85,7 @@ class Receiver:
     closed: int = 0
     resets: int = 0
     server: asyncio.Server | None = None
+    greeting_delay: float = 0.0  # seconds before the 220 banner (a slow server)
     transports: list[asyncio.Transport] = field(default_factory=list)
 
     async def start(self) -> int:
@@ -124,7 +125,10 @@ class _ReceiverSession(asyncio.Protocol):
         self.transport = transport
         self.owner.sessions += 1
         self.owner.transports.append(transport)
-        self.flush()
+        if self.owner.greeting_delay:
+            asyncio.get_running_loop().call_later(self.owner.greeting_delay, self.flush)
+        else:
+            self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.closed += 1
@@ -1436,3 +1440,47 @@ def test_archive_in_test_mode_keeps_the_copy_that_was_not_sent(env: Env) -> None
         (copy,) = archived_copies_of(conn, message_id)
     assert dkim.verify(copy.data, dnsfunc=env.dkim_dns())
     assert env.events(message_id, "delivered")[0].data["size"] == len(copy.data)
+
+
+# -- lease renewal -------------------------------------------------------------------------------
+
+
+def test_leases_of_rows_in_flight_are_renewed(env: Env) -> None:
+    """A receiver slower than a third of the lease: the lease moves forward while it waits."""
+    message_id = env.message("ann@example.test")
+    seen: list[datetime] = []
+
+    def lease_expiry() -> datetime | None:
+        with env.db.connect() as conn:
+            (row,) = [r for r in queue.list_queue(conn) if r.message_id == message_id]
+        return row.lease_expires_at
+
+    async def scenario() -> None:
+        receiver = Receiver(greeting_delay=4.5)
+        port = await receiver.start()
+        worker = DeliveryWorker(
+            env.settings(port, poll_interval=0.05, lease_seconds=10), env.db, MASTER
+        )
+        await worker.start()
+        try:
+            for _ in range(100):
+                first = lease_expiry()
+                if first is not None:
+                    seen.append(first)
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(4.0)  # renewal every 10/3 s; the banner comes at 4.5 s
+            later = lease_expiry()
+            assert later is not None
+            seen.append(later)
+            for _ in range(100):
+                if receiver.messages:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await worker.stop()
+            await receiver.stop()
+
+    run(scenario())
+    assert len(seen) == 2 and seen[1] >= seen[0] + timedelta(seconds=3)
+    assert env.recipients(message_id)["ann@example.test"].status == "delivered"

@@ -30,6 +30,7 @@ from postlane.store.queue import (
     mark_suppressed,
     reclaim_expired_leases,
     release,
+    renew_leases,
     retry,
 )
 from postlane.store.schema import events, recipients
@@ -849,3 +850,22 @@ def test_cancel_by_account_domain_ids_or_all(db: Database, account: Account) -> 
     with db.begin() as conn:
         assert hold(conn, now=LATER, all_=True) == 1
     assert row(db, late)["status"] == "held"
+
+
+def test_renew_leases_extends_only_the_owners_rows_in_flight(
+    db: Database, account: Account
+) -> None:
+    mine = leased_row(db, account, "w1")
+    theirs = leased_row(db, account, "w2")
+    (waiting,) = enqueue(db, account.id, "QW", "carl@example.org", next_attempt_at=T0 + MINUTE)
+    later = T0 + 2 * MINUTE
+    with db.begin() as conn:
+        renewed = renew_leases(
+            conn, [mine, theirs, waiting, 999_999], owner="w1", now=later, lease_for=LEASE
+        )
+    assert renewed == 1
+    assert row(db, mine)["lease_expires_at"] == later + LEASE
+    assert row(db, theirs)["lease_expires_at"] == T0 + LEASE
+    assert row(db, waiting)["lease_expires_at"] is None
+    with db.begin() as conn, pytest.raises(InvalidInput, match="lease_for must be positive"):
+        renew_leases(conn, [mine], owner="w1", now=later, lease_for=timedelta(0))
