@@ -125,18 +125,32 @@ def serve(
     role: Annotated[
         list[str] | None,
         typer.Option(
-            help="Run only this role (repeatable): smtp, delivery. Default: every role",
+            help="Run only this role (repeatable): smtp, delivery. Default: every role, "
+            "delivery in a child process unless delivery.own_process is false",
         ),
     ] = None,
+    metrics: Annotated[
+        bool, typer.Option("--metrics/--no-metrics", help="Serve /metrics on the HTTP port")
+    ] = True,
 ) -> None:
     """Run Postlane until SIGINT or SIGTERM.
 
     Example: postlane serve --role smtp --role delivery
     """
     from postlane import runtime
+    from postlane.child_role import ChildRole
 
     roles = runtime.parse_roles(role)
-    runtime.run(_state.settings, _state.db, _state.master_key, roles)
+    settings = _state.settings
+    children: list[runtime.Role] = []
+    if not role and settings.delivery.own_process:
+        command = [sys.executable, "-m", "postlane"]
+        if _state.config_file is not None:
+            command += ["--config", str(_state.config_file.resolve())]
+        command += ["serve", "--role", "delivery", "--no-metrics"]
+        children.append(ChildRole("delivery", command))
+        roles = tuple(r for r in roles if r != "delivery")
+    runtime.run(settings, _state.db, _state.master_key, roles, metrics=metrics, children=children)
 
 
 @app.command()

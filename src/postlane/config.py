@@ -301,6 +301,11 @@ class DeliverySettings(_Section):
     poll_interval: float = Field(
         1.0, gt=0, le=60, description="Seconds between queue polls when nothing is due"
     )
+    own_process: bool = Field(
+        True,
+        description="When 'postlane serve' runs every role, run delivery in a child process "
+        "of its own, so intake and delivery use two cores",
+    )
     connection_cache_seconds: float = Field(
         2.0,
         ge=0,

@@ -1,7 +1,9 @@
 """Starts and stops the roles of one Postlane process.
 
-One process runs every role on SQLite; larger installs run the same binary per
-role against PostgreSQL. Whatever runs, SIGINT and SIGTERM stop it cleanly:
+Plain ``postlane serve`` runs intake here and delivery in a supervised child
+process (:mod:`postlane.child_role`, ``delivery.own_process``); ``--role``
+runs the roles named, all in this process; larger installs run the same
+binary per role against PostgreSQL. Whatever runs, SIGINT and SIGTERM stop it cleanly:
 listeners close first so no new work is accepted, then work in flight is
 allowed to finish, so nothing a client was told is accepted gets lost.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from postlane import logs
@@ -71,10 +74,22 @@ def parse_roles(names: list[str] | None) -> tuple[str, ...]:
 
 
 def build_roles(
-    settings: Settings, db: Database, master_key: bytes, roles: tuple[str, ...] = ROLES
+    settings: Settings,
+    db: Database,
+    master_key: bytes,
+    roles: tuple[str, ...] = ROLES,
+    *,
+    metrics: bool = True,
+    children: Sequence[Role] = (),
 ) -> list[Role]:
-    """The roles to run in this process: SMTP intake and/or delivery (metrics always)."""
-    built: list[Role] = [MetricsEndpoint(settings.http.address, settings.http.port)]
+    """The roles to run: SMTP intake and/or delivery here, ``children`` in their processes.
+
+    Metrics are served unless ``metrics`` is False (a child process: the
+    first process serves them on the HTTP port).
+    """
+    built: list[Role] = []
+    if metrics:
+        built.append(MetricsEndpoint(settings.http.address, settings.http.port))
     if "smtp" in roles:
         built.append(_smtp_role(settings, db))
     if "delivery" in roles:
@@ -83,6 +98,7 @@ def build_roles(
 
         built.append(DeliveryWorker(settings, db, master_key))
         built.append(BounceProcessor(settings, db, master_key))
+    built.extend(children)
     return built
 
 
@@ -120,13 +136,16 @@ async def serve(
     master_key: bytes,
     roles: tuple[str, ...] = ROLES,
     log_buffer: logging.Handler | None = None,
+    *,
+    metrics: bool = True,
+    children: Sequence[Role] = (),
 ) -> None:
     """Run every role until a stop signal arrives."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    to_start = build_roles(settings, db, master_key, roles)
+    to_start = build_roles(settings, db, master_key, roles, metrics=metrics, children=children)
     started: list[Role] = []
     flusher = asyncio.ensure_future(logs.flush_periodically(log_buffer)) if log_buffer else None
     try:
@@ -148,14 +167,21 @@ async def serve(
 
 
 def run(
-    settings: Settings, db: Database, master_key: bytes, roles: tuple[str, ...] = ROLES
+    settings: Settings,
+    db: Database,
+    master_key: bytes,
+    roles: tuple[str, ...] = ROLES,
+    *,
+    metrics: bool = True,
+    children: Sequence[Role] = (),
 ) -> None:
     """Entry point of ``postlane serve``."""
     log_buffer = logs.configure(settings.log_level)
+    main = serve(settings, db, master_key, roles, log_buffer, metrics=metrics, children=children)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        asyncio.run(serve(settings, db, master_key, roles, log_buffer))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(settings, db, master_key, roles, log_buffer))
+        uvloop.run(main)
     log_buffer.flush()

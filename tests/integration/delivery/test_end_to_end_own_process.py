@@ -1,0 +1,72 @@
+"""Plain ``postlane serve``: delivery runs in a child process the first one supervises.
+
+The same end-to-end path as test_end_to_end.py (SMTP in, smtp-sink as the
+MX), with ``serve`` given no ``--role``: the first process runs intake and
+starts ``serve --role delivery --no-metrics`` beside itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from dnsserver import DnsServer
+from integration.harness import PostlaneServer, ServerConfig, wait_for
+
+from .test_end_to_end import dns, mx_port
+from .test_end_to_end import test_accepted_message_is_delivered_to_the_mx as send_and_check
+
+__all__ = ["dns", "mx_port"]  # module fixtures, shared with test_end_to_end.py
+
+
+@pytest.fixture(scope="module")
+def server_config(dns: DnsServer, mx_port: int) -> ServerConfig:
+    return ServerConfig(
+        roles=(),
+        extra_toml=(
+            f'\n[delivery]\nnameservers = ["{dns.nameserver}"]\nmx_port = {mx_port}\n'
+            "poll_interval = 0.1\n"
+        ),
+    )
+
+
+def test_accepted_message_is_delivered_by_the_delivery_process(server: PostlaneServer) -> None:
+    assert "delivery (own process)" in server.stdout
+    send_and_check(server)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
+
+
+def test_plain_serve_supervises_its_delivery_process(server: PostlaneServer) -> None:
+    assert server.process is not None
+    (child,) = wait_for(lambda: _children(server.process.pid) or None, timeout=10)
+    with open(f"/proc/{child}/cmdline", "rb") as handle:
+        command = handle.read().split(b"\0")
+    assert command[-5:-1] == [b"serve", b"--role", b"delivery", b"--no-metrics"]
+    os.kill(child, signal.SIGKILL)  # a crash: the first process starts another
+    (again,) = wait_for(
+        lambda: [c for c in _children(server.process.pid) if c != child] or None, timeout=15
+    )
+    assert again != child
+    send_and_check(server)  # the new one delivers
+
+
+def test_stopping_serve_stops_its_delivery_process(server: PostlaneServer) -> None:
+    assert server.process is not None
+    (child,) = wait_for(lambda: _children(server.process.pid) or None, timeout=10)
+    server.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=60)
+    assert not os.path.exists(f"/proc/{child}") or _zombie(child)
+
+
+def _zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
