@@ -239,14 +239,18 @@ messages_per_minute = 100000000
 
 
 class RelayPostlane(Postlane):
-    """bench/ingest's Postlane process, run with ``--role smtp --role delivery``.
+    """bench/ingest's Postlane, in one of three arrangements (``mode``):
 
-    With ``split`` the roles run as two processes on the same data directory,
-    ``serve --role smtp`` and ``serve --role delivery`` (its metrics endpoint
-    on ``delivery_http``): CPU, memory and logs are then the sum of both.
+    - ``serve``: plain ``postlane serve``, as an operator runs it: intake in
+      the first process, delivery in the child process it starts;
+    - ``one``: ``serve --role smtp --role delivery``, both in one process;
+    - ``split``: ``serve --role smtp`` and ``serve --role delivery`` started
+      separately (its metrics endpoint on ``delivery_http``).
+
+    CPU and memory are the sum over the processes; logs are both processes'.
     """
 
-    split = False
+    mode = "serve"
     delivery_http = 0
     delivery_proc: subprocess.Popen[bytes] | None = None
 
@@ -271,30 +275,47 @@ class RelayPostlane(Postlane):
     def start(self) -> None:
         # as Postlane.start, with the delivery role added (in this process or its own)
         shutil.copytree(self.template, self.dir)
-        if self.split:
+        if self.mode == "split":
             self.proc = self._spawn(["smtp"], "serve", clean_env())
             env = {**clean_env(), "POSTLANE_HTTP__PORT": str(self.delivery_http)}
             self.delivery_proc = self._spawn(["delivery"], "delivery", env)
-        else:
+        elif self.mode == "one":
             self.proc = self._spawn(["smtp", "delivery"], "serve", clean_env())
+        else:
+            self.proc = self._spawn([], "serve", clean_env())
         wait_banner(self.ports.trusted)
         self.startup_hwm_kib = self.hwm_kib()
 
+    def _others(self) -> list[int]:
+        """The delivery process: started by us (split) or by serve (its child)."""
+        if self.delivery_proc is not None and self.delivery_proc.poll() is None:
+            return [self.delivery_proc.pid]
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        found: list[int] = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+                children = Path(f"/proc/{self.proc.pid}/task/{task}/children").read_text()
+                found += [int(pid) for pid in children.split()]
+        return found
+
     def cpu(self) -> float:
         total = super().cpu()
-        if self.delivery_proc is not None and self.delivery_proc.poll() is None:
-            total += proc_cpu(self.delivery_proc.pid)
+        for pid in self._others():
+            with contextlib.suppress(OSError, ValueError):
+                total += proc_cpu(pid)
         return total
 
     def hwm_kib(self) -> int:
         total = super().hwm_kib()
-        if self.delivery_proc is not None and self.delivery_proc.poll() is None:
-            total += proc_status_kib(self.delivery_proc.pid, "VmHWM")
+        for pid in self._others():
+            with contextlib.suppress(OSError, ValueError):
+                total += proc_status_kib(pid, "VmHWM")
         return total
 
     def log_text(self) -> str:
         text = super().log_text()
-        if self.split:
+        if self.mode == "split":
             text += (self.dir / "delivery.log").read_text(errors="replace")
         return text
 
@@ -539,7 +560,7 @@ class Relay:
 
     def postlane(self, base: Path) -> RelayPostlane:
         pl = RelayPostlane(self.template, base / "postlane", self.ports)
-        pl.split = self.args.split
+        pl.mode = self.args.processes
         pl.delivery_http = self.delivery_http_port
         return pl
 
@@ -830,9 +851,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--run-limit", type=float, default=600.0)
     p.add_argument("--no-smoke", action="store_true")
     p.add_argument(
-        "--split",
-        action="store_true",
-        help="run Postlane as two processes: serve --role smtp and serve --role delivery",
+        "--processes",
+        choices=("serve", "one", "split"),
+        default="serve",
+        help="serve: plain 'postlane serve' (delivery in its child process; default); "
+        "one: --role smtp --role delivery in one process; "
+        "split: 'serve --role smtp' and 'serve --role delivery' started apart",
     )
     p.add_argument("--delivery-http-port", type=int, default=10132)
     p.add_argument("--workdir", type=Path, default=None)
@@ -881,9 +905,11 @@ def main() -> int:
             "lease_batch": args.lease_batch,
             "poll_interval": args.poll_interval,
             "messages_per_connection": args.per_connection,
-            "processes": "split: serve --role smtp + serve --role delivery"
-            if args.split
-            else "one: serve --role smtp --role delivery",
+            "processes": {
+                "serve": "serve (delivery in its child process)",
+                "one": "one: serve --role smtp --role delivery",
+                "split": "split: serve --role smtp + serve --role delivery",
+            }[args.processes],
         }
         results["postlane_settings"] = cfg
         bench.template = work / "postlane-template"
