@@ -1251,7 +1251,7 @@ def summary(results: dict[str, Any], failures: list[str]) -> str:
     def row(label: str, r: dict[str, Any]) -> str:
         seconds = r.get("seconds") or 0
         cpu = f"{100 * r['server_cpu_s'] / seconds:.0f}" if seconds else "n/a"
-        per_msg = f"{1000 * r['server_cpu_s'] / r['messages']:.3f}"
+        per_msg = f"{1000 * r['server_cpu_s'] / r['messages']:.3f}" if r["messages"] else "n/a"
         return (
             f"{label:<46}{r['server']:<10}{r['messages']:>7}{seconds:>9.2f}"
             f"{r.get('msg_per_s') or 0:>9.1f}{cpu:>9}{per_msg:>11}{r.get('other_cpu_pct', 0):>8}"

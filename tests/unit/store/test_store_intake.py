@@ -164,9 +164,16 @@ def test_insert_messages_writes_a_queued_event_per_recipient(
     assert first["data"] == {
         "recipient": "bob@example.org",
         "priority": 2,
-        "next_attempt_at": (T0 + timedelta(minutes=5)).isoformat(),
-        "expires_at": (T0 + timedelta(days=3)).isoformat(),
+        "scheduled_for": (T0 + timedelta(minutes=5)).isoformat(),  # later than received
     }
+
+
+def test_queued_events_of_repeated_addresses_name_each_row(db: Database, account: Account) -> None:
+    write(db, new_message(account.id, "Q1", addresses=("a@x.example", "a@x.example")))
+    queued = [e for e in rows(db, events, events.c.id) if e["type"] == "queued"]
+    stored = rows(db, recipients, recipients.c.id)
+    assert sorted(e["recipient_id"] for e in queued) == [r["id"] for r in stored]
+    assert all("scheduled_for" in e["data"] for e in queued)
 
 
 def test_insert_inbound_message_writes_no_recipients(db: Database, account: Account) -> None:
