@@ -1456,7 +1456,7 @@ def test_leases_of_rows_in_flight_are_renewed(env: Env) -> None:
         return row.lease_expires_at
 
     async def scenario() -> None:
-        receiver = Receiver(greeting_delay=4.5)
+        receiver = Receiver(greeting_delay=6.0)
         port = await receiver.start()
         worker = DeliveryWorker(
             env.settings(port, poll_interval=0.05, lease_seconds=10), env.db, MASTER
@@ -1469,7 +1469,7 @@ def test_leases_of_rows_in_flight_are_renewed(env: Env) -> None:
                     seen.append(first)
                     break
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(4.0)  # renewal every 10/3 s; the banner comes at 4.5 s
+            await asyncio.sleep(5.0)  # renewal every 10/3 s; the banner comes at 6 s
             later = lease_expiry()
             assert later is not None
             seen.append(later)
