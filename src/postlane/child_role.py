@@ -17,15 +17,19 @@ output. If the child dies later, the parent logs it and starts a new one
 (after 1 s, doubling to 30 s while it keeps dying); rows the dead child had
 leased come back when their lease ends. On stop the child gets SIGTERM (it
 finishes what is in flight, as any role does) and is killed only if it has
-not exited after ``grace`` seconds.
+not exited after ``grace`` seconds. If the parent itself is killed without
+a chance to stop it (SIGKILL, a crash), Linux sends the child SIGTERM
+(``PR_SET_PDEATHSIG``), so no delivery process is left running unsupervised.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 from typing import Final
 
@@ -90,6 +94,7 @@ class ChildRole:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=None,  # its log lines go where ours go
+            preexec_fn=_end_with_parent if sys.platform == "linux" else None,
         )
         assert process.stdout is not None
         try:
@@ -134,3 +139,12 @@ class ChildRole:
             except ChildRoleFailed as exc:
                 log.error("%s", exc)
                 self._process = process  # exited: the loop waits again, then retries
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _end_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """In the child, between fork and exec: SIGTERM when the parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

@@ -54,3 +54,44 @@ def test_a_child_that_dies_is_started_again() -> None:
 
     pids = asyncio.run(scenario())
     assert len(pids) == 2 and pids[0] != pids[1]
+
+
+PARENT = """
+import asyncio, sys, uvloop
+from postlane.child_role import ChildRole
+
+async def main() -> None:
+    role = ChildRole("delivery", [sys.executable, "-c", sys.argv[1]])
+    await role.start()
+    print(role.pid, flush=True)
+    await asyncio.sleep(60)
+
+uvloop.run(main())
+"""
+
+
+def test_a_child_does_not_outlive_a_killed_parent() -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, READY_THEN_WAIT], stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)  # no chance to stop its child
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as handle:
+            if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return  # exited; waiting for init to reap it
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the child kept running after its parent was killed")
