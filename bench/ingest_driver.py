@@ -405,6 +405,9 @@ data_dir = "data"
 address = "127.0.0.1"
 port = {p.http}
 
+[smtp]
+processes = {processes}
+
 # Scenario 1: smtp-source, which cannot AUTH; 127.0.0.1 is the account's trusted network.
 [[smtp.listeners]]
 address = "127.0.0.1"
@@ -444,10 +447,12 @@ def postlane_cli(cwd: Path, *args: str) -> str:
     return result.stdout
 
 
-def make_template(directory: Path, ports: Ports) -> str:
+def make_template(directory: Path, ports: Ports, processes: int = 1) -> str:
     """A data directory with the bench account, domain and SMTP user; returns its password."""
     directory.mkdir(parents=True)
-    (directory / "postlane.toml").write_text(POSTLANE_TOML.format(hostname=HOSTNAME, p=ports))
+    (directory / "postlane.toml").write_text(
+        POSTLANE_TOML.format(hostname=HOSTNAME, p=ports, processes=processes)
+    )
     postlane_cli(directory, "account", "create", "bench")
     postlane_cli(directory, "domain", "add", "--account", "bench", "bench.test")
     postlane_cli(directory, "account", "update", "bench", "--trusted-networks", TRUSTED_IP)
@@ -516,8 +521,21 @@ class Postlane:
                 )
             time.sleep(0.1)
 
+    def children(self) -> list[int]:
+        """The processes serve started itself (more intake processes, delivery)."""
+        found: list[int] = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{self.pid}/task"):
+                text = Path(f"/proc/{self.pid}/task/{task}/children").read_text()
+                found += [int(pid) for pid in text.split()]
+        return found
+
     def cpu(self) -> float:
-        return proc_cpu(self.pid)
+        total = proc_cpu(self.pid)
+        for pid in self.children():
+            with contextlib.suppress(OSError, ValueError):
+                total += proc_cpu(pid)
+        return total
 
     def rss_kib(self) -> int:
         return proc_status_kib(self.pid, "VmRSS")
@@ -1236,7 +1254,8 @@ def summary(results: dict[str, Any], failures: list[str]) -> str:
     lines = [
         "",
         "=" * width,
-        f"Postlane ingest benchmark, {m['date']}",
+        f"Postlane ingest benchmark, {m['date']}; Postlane [smtp] processes = "
+        f"{m.get('smtp_processes', 1)}",
         f"machine: {m['nproc']} x {m['cpu_model']}, {m['mem_total_gib']} GiB RAM, "
         f"Linux {m['kernel']}, Debian {m['debian']}; fsync of 4 KiB: median "
         f"{m['fsync_ms_median']} ms, p90 {m['fsync_ms_p90']} ms; niceness {m['niceness']}",
@@ -1365,6 +1384,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-messages", type=int, default=5000, help="smtp_load.py messages")
     p.add_argument("--load-workers", type=int, default=10, help="smtp_load.py concurrency")
     p.add_argument("--idle", type=int, default=5000, help="idle connections (0: skip)")
+    p.add_argument(
+        "--smtp-processes",
+        type=int,
+        default=1,
+        help="Postlane [smtp] processes: intake processes sharing the ports (default 1)",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy runs")
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument(
@@ -1419,10 +1444,11 @@ def main() -> int:
     started = time.monotonic()
     try:
         results["machine"] = machine_info(Postfix(work, ports.postfix).version(), work)
+        results["machine"]["smtp_processes"] = args.smtp_processes
         say(f"work directory {work}; ports {ports.__dict__}")
         say(json.dumps(results["machine"]))
         bench.template = work / "postlane-template"
-        bench.password = make_template(bench.template, ports)
+        bench.password = make_template(bench.template, ports, args.smtp_processes)
         bench.smoke()
         sessions = [int(s) for s in args.sessions.split(",") if s.strip()]
         results["smtp_source"] = {}

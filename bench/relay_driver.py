@@ -287,23 +287,18 @@ class RelayPostlane(Postlane):
         self.startup_hwm_kib = self.hwm_kib()
 
     def _others(self) -> list[int]:
-        """The delivery process: started by us (split) or by serve (its child)."""
+        """Postlane processes beside the first: the one we started (split) or serve's own."""
         if self.delivery_proc is not None and self.delivery_proc.poll() is None:
             return [self.delivery_proc.pid]
         if self.proc is None or self.proc.poll() is not None:
             return []
-        found: list[int] = []
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{self.proc.pid}/task"):
-                children = Path(f"/proc/{self.proc.pid}/task/{task}/children").read_text()
-                found += [int(pid) for pid in children.split()]
-        return found
+        return self.children()
 
     def cpu(self) -> float:
-        total = super().cpu()
-        for pid in self._others():
+        total = super().cpu()  # the first process and its children
+        if self.delivery_proc is not None and self.delivery_proc.poll() is None:
             with contextlib.suppress(OSError, ValueError):
-                total += proc_cpu(pid)
+                total += proc_cpu(self.delivery_proc.pid)
         return total
 
     def hwm_kib(self) -> int:

@@ -87,6 +87,12 @@ class ChildRole:
             process.kill()
             await process.wait()
 
+    def reload(self) -> None:
+        """Pass SIGHUP on (its roles reload, e.g. the TLS certificate)."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            process.send_signal(signal.SIGHUP)
+
     async def _spawn(self) -> asyncio.subprocess.Process:
         """Start the child and wait for its "postlane running" line."""
         process = await asyncio.create_subprocess_exec(

@@ -130,7 +130,12 @@ def serve(
         ),
     ] = None,
     metrics: Annotated[
-        bool, typer.Option("--metrics/--no-metrics", help="Serve /metrics on the HTTP port")
+        bool,
+        typer.Option(
+            "--metrics/--no-metrics",
+            help="Serve /metrics on the HTTP port. --no-metrics is how serve starts its own "
+            "helper processes: they start none of their own",
+        ),
     ] = True,
 ) -> None:
     """Run Postlane until SIGINT or SIGTERM.
@@ -143,12 +148,16 @@ def serve(
     roles = runtime.parse_roles(role)
     settings = _state.settings
     children: list[runtime.Role] = []
+    base = [sys.executable, "-m", "postlane"]
+    if _state.config_file is not None:
+        base += ["--config", str(_state.config_file.resolve())]
+    if metrics and "smtp" in roles:  # the first process: more intake processes if asked
+        for number in range(2, settings.smtp.processes + 1):
+            command = [*base, "serve", "--role", "smtp", "--no-metrics"]
+            children.append(ChildRole(f"smtp {number}", command))
     if not role and settings.delivery.own_process:
-        command = [sys.executable, "-m", "postlane"]
-        if _state.config_file is not None:
-            command += ["--config", str(_state.config_file.resolve())]
-        command += ["serve", "--role", "delivery", "--no-metrics"]
-        children.append(ChildRole("delivery", command))
+        delivery = [*base, "serve", "--role", "delivery", "--no-metrics"]
+        children.append(ChildRole("delivery", delivery))
         roles = tuple(r for r in roles if r != "delivery")
     runtime.run(settings, _state.db, _state.master_key, roles, metrics=metrics, children=children)
 

@@ -133,6 +133,13 @@ class SmtpSettings(_Section):
         0.002, ge=0, le=1, description="Seconds an intake commit may wait to group with others"
     )
     commit_max_batch: int = Field(256, ge=1, description="Messages in one grouped commit at most")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Intake processes sharing the listening ports (SO_REUSEPORT); more than 1 "
+        "lets intake use more cores",
+    )
 
 
 class AuthSettings(_Section):

@@ -152,18 +152,31 @@ async def serve(
         for role in to_start:
             await role.start()
             started.append(role)
+        loop.add_signal_handler(signal.SIGHUP, _reload, started)
         names = ", ".join(r.name for r in started) or "no roles yet"
         log.info("postlane running (%s); database %s", names, db.url)
         print("postlane running: " + names, flush=True)
         await stop.wait()
         log.info("stop signal received, shutting down")
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
         for role in reversed(started):
             await role.stop()
         db.dispose()
         if flusher is not None:
             flusher.cancel()
     print("postlane stopped", flush=True)
+
+
+def _reload(roles: list[Role]) -> None:
+    """SIGHUP: every role that can reload does (certificates; child processes pass it on)."""
+    for role in roles:
+        reload = getattr(role, "reload", None)
+        if callable(reload):
+            try:
+                reload()
+            except Exception:  # one role's failure must not keep the others from reloading
+                log.exception("reloading %s failed", role.name)
 
 
 def run(

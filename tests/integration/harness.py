@@ -66,6 +66,8 @@ class ServerConfig:
 
     max_failures: int = 5
     max_message_size: int = 32 * 1024 * 1024
+    #: ``[smtp] processes``: intake processes sharing the ports.
+    smtp_processes: int = 1
     #: Called with the server before it starts, to create the module's own tenants.
     prepare: Callable[[PostlaneServer], None] | None = None
     #: ``serve --role`` values: intake only unless a module delivers (to loopback DNS).
@@ -93,6 +95,7 @@ log_level = "info"
 
 [smtp]
 max_message_size = {config.max_message_size}
+processes = {config.smtp_processes}
 
 [auth]
 max_failures = {config.max_failures}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import ssl
 import time
 from collections.abc import Callable
@@ -580,6 +579,9 @@ class SmtpServer:
                 listener.address,
                 listener.port,
                 reuse_address=True,
+                # Several intake processes (smtp.processes) listen on one port;
+                # the kernel spreads new connections over them.
+                reuse_port=self._settings.smtp.processes > 1,
                 backlog=1024,
                 ssl=self._tls.context if listener.tls == "implicit" else None,
                 ssl_handshake_timeout=30 if listener.tls == "implicit" else None,
@@ -587,13 +589,15 @@ class SmtpServer:
             self._servers.append(server)
             log.info("SMTP listening on %s (tls=%s)", context.name, listener.tls)
         self._refresh = asyncio.ensure_future(self._directory.run())
-        loop.add_signal_handler(signal.SIGHUP, self._tls.reload)
+
+    def reload(self) -> None:
+        """Read the certificate files again (the runtime calls this on SIGHUP)."""
+        self._tls.reload()
 
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
         self._servers.clear()
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         for session in list(self._sessions):
             session.shutdown()
         in_flight = [s.task for s in self._sessions if s.task is not None and not s.task.done()]
