@@ -211,6 +211,9 @@ data_dir = "data"
 address = "127.0.0.1"
 port = {http}
 
+[smtp]
+processes = {smtp_processes}
+
 # smtp-source cannot AUTH; 127.0.0.1 is the account's trusted network.
 [[smtp.listeners]]
 address = "127.0.0.1"
@@ -367,6 +370,7 @@ def make_template(directory: Path, ports: Ports, cfg: dict[str, Any]) -> str:
             lease_batch=cfg["lease_batch"],
             poll_interval=cfg["poll_interval"],
             shaping=shaping,
+            smtp_processes=cfg["smtp_processes"],
         )
     )
     postlane_cli(directory, "account", "create", "bench")
@@ -775,7 +779,8 @@ def summary(results: dict[str, Any], failures: list[str]) -> str:
         f"Postlane [delivery]: concurrency {cfg['concurrency']}, lease_batch {cfg['lease_batch']}, "
         f"poll_interval {cfg['poll_interval']}, shaping [default] max_connections "
         f"{cfg['concurrency']}, messages_per_connection {cfg['messages_per_connection']}, "
-        f"messages_per_minute 1e8; DKIM RSA-2048; processes: {cfg.get('processes', 'one')}",
+        f"messages_per_minute 1e8; DKIM RSA-2048; processes: {cfg.get('processes', 'one')}; "
+        f"[smtp] processes {cfg.get('smtp_processes', 1)}",
         "-" * width,
         f"{'run':<22}{'server':<10}{'msgs':>7}{'accept s':>10}{'accept/s':>10}{'e2e s':>9}"
         f"{'e2e msg/s':>11}{'sink s':>9}{'srv CPU s':>11}{'ms/msg':>8}{'sink n':>8}{'other%':>8}",
@@ -854,6 +859,9 @@ def parse_args() -> argparse.Namespace:
         "split: 'serve --role smtp' and 'serve --role delivery' started apart",
     )
     p.add_argument("--delivery-http-port", type=int, default=10132)
+    p.add_argument(
+        "--smtp-processes", type=int, default=1, help="Postlane [smtp] processes (default 1)"
+    )
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep Postlane databases")
     return p.parse_args()
@@ -900,6 +908,7 @@ def main() -> int:
             "lease_batch": args.lease_batch,
             "poll_interval": args.poll_interval,
             "messages_per_connection": args.per_connection,
+            "smtp_processes": args.smtp_processes,
             "processes": {
                 "serve": "serve (delivery in its child process)",
                 "one": "one: serve --role smtp --role delivery",
