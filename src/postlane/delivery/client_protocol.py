@@ -368,9 +368,11 @@ def prepare_content(data: bytes) -> bytes:
     another "." (RFC 5321 §4.5.2); a last line without a line end gets one; then
     ".\\r\\n". Empty content is just the terminator.
     """
-    if b"\r" in data:
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    data = data.replace(b"\n", b"\r\n")
+    crlf = data.count(b"\r\n")
+    # Composed copies are CRLF throughout: counting (no copies) finds that,
+    # and the three rewriting passes are only made for bare CR or LF.
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if not data:
         return b".\r\n"
     data = data.replace(b"\r\n.", b"\r\n..")

@@ -651,6 +651,23 @@ def test_prepare_content(data: bytes, wire: bytes) -> None:
     assert prepare_content(data) == wire
 
 
+def _reference_content(data: bytes) -> bytes:
+    """prepare_content as first written: always three rewriting passes."""
+    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if not data:
+        return b".\r\n"
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if data[:1] == b".":
+        data = b"." + data
+    return data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n"]), max_size=30))
+def test_prepare_content_skips_no_bare_line_end(parts: list[bytes]) -> None:
+    data = b"".join(parts)
+    assert prepare_content(data) == _reference_content(data)
+
+
 def test_content_on_the_wire_is_dot_stuffed() -> None:
     client = ready()
     client.send("a@example.com", data=b"Subject: x\n\n.\n..\nend")
