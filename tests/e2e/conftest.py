@@ -5,7 +5,9 @@ Set-up per test module:
 - two network namespaces, each joined to the root namespace by a veth pair
   (:mod:`e2e.netns`): ``mx1`` at 198.18.1.2 offers STARTTLS (a self-signed
   certificate for ``mx1.e2e.test``), ``mx2`` at 198.18.2.2 offers no TLS;
-  each runs ``receiver.py`` on port 25, recording what it accepts;
+  each runs ``receiver.py`` on port 25, recording what it accepts; a third,
+  ``mx3`` at 198.18.3.2, runs Postfix's ``smtp-sink`` on port 25 (when
+  Postfix is installed; the README's test command installs it);
 - the test DNS server (``tests/dnsserver.py``) on 127.0.0.1 with MX and A
   records pointing the test domains at those addresses, a null MX and a
   SERVFAIL name;
@@ -34,11 +36,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dnsserver import DnsServer
-from e2e.netns import Mx, namespaces_unavailable, unavailable
+from e2e.netns import SMTP_SINK, Mx, namespaces_unavailable, unavailable
 from integration.harness import PostlaneServer, ServerConfig
 
 MX1_NAME = "mx1.e2e.test"
 MX2_NAME = "mx2.e2e.test"
+MX3_NAME = "mx3.e2e.test"  # Postfix's smtp-sink
+SINK_DOMAIN = "sink.test"
 #: Recipient domains whose MX is mx1 (STARTTLS) and mx2 (plaintext only).
 #: The crash test spreads its batch over three domains: the shipped traffic-shaping
 #: defaults let a burst of only 10 messages go to one domain at once.
@@ -104,7 +108,12 @@ def mxs(
         mx2 = Mx("mx2", 2, base / "mx2", cert=None, instance=instance)
         started.append(mx2)
         mx2.start()
-        yield {"mx1": mx1, "mx2": mx2}
+        found = {"mx1": mx1, "mx2": mx2}
+        if Path(SMTP_SINK).exists():
+            mx3 = Mx("mx3", 3, base / "mx3", cert=None, instance=instance, sink=True)
+            started.append(mx3)
+            found["mx3"] = mx3.start()
+        yield found
     finally:
         for mx in started:
             mx.close()
@@ -121,6 +130,9 @@ def dns(mxs: dict[str, Mx]) -> Iterator[DnsServer]:
         records[(domain, "MX")] = [f"10 {MX1_NAME}"]
     for domain in MX2_DOMAINS:
         records[(domain, "MX")] = [f"10 {MX2_NAME}"]
+    if "mx3" in mxs:
+        records[(MX3_NAME, "A")] = [mxs["mx3"].ip]
+        records[(SINK_DOMAIN, "MX")] = [f"10 {MX3_NAME}"]
     with DnsServer(records, servfail={SERVFAIL_DOMAIN}) as server:
         yield server
 

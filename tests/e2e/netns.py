@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 RECEIVER = Path(__file__).with_name("receiver.py")
+SMTP_SINK = "/usr/sbin/smtp-sink"  # Postfix's test server (Debian package postfix)
 SMTP_PORT = 25
 
 
@@ -64,7 +66,9 @@ class Mx:
         *,
         cert: tuple[Path, Path] | None,
         instance: int = 1,
+        sink: bool = False,
     ) -> None:
+        """``sink``: run Postfix's smtp-sink instead of ``receiver.py`` (records nothing)."""
         # Unique per test session (pid) and per set-up within it (instance);
         # interface names have at most 15 characters.
         suffix = f"{os.getpid()}-{instance}"
@@ -77,6 +81,7 @@ class Mx:
         self.ip = f"198.18.{index}.2"
         self.directory = directory
         self.cert = cert
+        self.sink = sink
         self.process: subprocess.Popen[bytes] | None = None
         self._log = directory.parent / f"{label}-receiver.log"
 
@@ -92,26 +97,20 @@ class Mx:
             _ip("link", "set", self.ns_if, "up", netns=self.netns)
             _ip("link", "set", "lo", "up", netns=self.netns)
             tls = [str(p) for p in self.cert] if self.cert else []
+            if self.sink:
+                server = [SMTP_SINK, "-u", "nobody", f"{self.ip}:{SMTP_PORT}", "100"]
+            else:
+                server = [sys.executable, str(RECEIVER), self.ip, str(SMTP_PORT)]
+                server += [str(self.directory), *tls]
             with self._log.open("ab") as log:
                 self.process = subprocess.Popen(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        self.netns,
-                        sys.executable,
-                        str(RECEIVER),
-                        self.ip,
-                        str(SMTP_PORT),
-                        str(self.directory),
-                        *tls,
-                    ],
+                    ["ip", "netns", "exec", self.netns, *server],
                     stdout=log,
                     stderr=log,
                     stdin=subprocess.DEVNULL,
                 )
             deadline = time.monotonic() + 15
-            while not (self.directory / "ready").exists():
+            while not self._ready():
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"receiver in {self.netns} did not start: {self.log()}")
                 time.sleep(0.05)
@@ -119,6 +118,15 @@ class Mx:
             self.close()
             raise
         return self
+
+    def _ready(self) -> bool:
+        if not self.sink:
+            return (self.directory / "ready").exists()
+        try:
+            socket.create_connection((self.ip, SMTP_PORT), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
         if self.process is not None:

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from e2e.conftest import CRASH_DOMAINS, LEASE_SECONDS, MX1_NAME
-from e2e.netns import Mx, unavailable
+from e2e.conftest import CRASH_DOMAINS, LEASE_SECONDS, MX1_NAME, MX3_NAME, SINK_DOMAIN
+from e2e.netns import SMTP_SINK, Mx, unavailable
 from integration.harness import HOSTNAME, PostlaneServer, connect, send, wait_for
 from postlane.store.schema import suppressions
 from postlane.tenants import admin
@@ -166,6 +166,23 @@ def test_delivered_over_starttls_and_dkim_verifies(
 
 
 # -- 2. hard bounce -------------------------------------------------------------------------------
+
+
+def test_delivered_to_postfix_smtp_sink_in_a_namespace(
+    server: PostlaneServer, mxs: dict[str, Mx]
+) -> None:
+    """The production path (MX, A, port 25 of another host) to a Postfix component."""
+    if "mx3" not in mxs:
+        pytest.skip(f"{SMTP_SINK} is not installed (Debian package postfix)")
+    queue_id = submit(server, [f"reader@{SINK_DOMAIN}"])
+    rows = wait_statuses(server, queue_id)
+    row = rows[f"reader@{SINK_DOMAIN}"]
+    assert row["status"] == "delivered", row
+    (delivered,) = [e for e in events_of(server, queue_id, row["id"]) if e["type"] == "delivered"]
+    assert delivered["data"]["mx"] == MX3_NAME
+    assert delivered["data"]["ip"] == mxs["mx3"].ip
+    assert delivered["data"]["tls"] is None  # smtp-sink offers no STARTTLS
+    assert str(delivered["data"]["reply"]).startswith("250")
 
 
 def test_550_fails_suppresses_and_is_not_retried(
