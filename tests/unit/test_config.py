@@ -71,6 +71,13 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ('secret_key = "short"\n', "'secret_key' = '***': must be at least 32"),
         ('log_level = "loud"\n', "'log_level' = 'loud'"),
         ('[delivery]\nnameservers = ["dns.google"]\n', "'delivery.nameservers' = ['dns.google']"),
+        ("[smtp]\nprocesses = 0\n", "'smtp.processes' = 0: Input should be greater"),
+        ("[smtp]\nprocesses = 65\n", "'smtp.processes' = 65: Input should be less"),
+        (
+            "[delivery]\nconnection_cache_seconds = -1\n",
+            "'delivery.connection_cache_seconds' = -1: Input should be greater",
+        ),
+        ('[delivery]\nown_process = "sometimes"\n', "'delivery.own_process' = 'sometimes'"),
     ],
 )
 def test_bad_values_name_key_and_value(tmp_path: Path, toml: str, expected: str) -> None:

@@ -282,6 +282,7 @@ class _Shaped:
     """One group's (one TLS subset's) sending to a destination, shared by its connections."""
 
     dest: str
+    per_connection: int  # the destination's messages_per_connection
     throttled: bool = False
     unreachable: DnsFailure | OutboundError | None = None  # no connection: others do not retry
 
@@ -418,7 +419,8 @@ class DeliveryWorker:
         messages at a time, makes many tiny batches: each a write transaction
         (on SQLite competing with intake for the one write lock) and each
         domain group its own round of connections. Measured under bench/relay
-        at ``-s 10``, that gave ~20 rows per lease. So after a short lease the
+        at ``-s 10``: 975 connections for 20,000 messages, about 20 messages
+        per group (docs/benchmarks.md, run 2). So after a short lease the
         loop waits ``GATHER_SECONDS`` (or the poll interval, if shorter)
         before the next: mail waits at most that long longer, and batches
         grow with the arrival rate.
@@ -666,16 +668,7 @@ class DeliveryWorker:
         if options.archive_copy:  # X-JobOption 128: keep what leaves (store/archive.py)
             await self._record(row, _archiving(row, data, self._clock()))
         if options.test_mode:
-            await self._record(
-                row,
-                lambda conn: queue.mark_delivered(
-                    conn,
-                    row.id,
-                    owner=self.owner,
-                    now=self._clock(),
-                    data={"test": True, "size": len(data)},
-                ),
-            )
+            await self._record(row, queue.Delivery(row.id, {"test": True, "size": len(data)}))
             return None
         header_end = data.find(b"\r\n\r\n")
         return _Job(
@@ -842,11 +835,12 @@ class DeliveryWorker:
                 return
             target = _apply_sts(target, sts)
         route = target.route
-        shaped = _Shaped(self._shaper.destination(domain, route.hosts))
+        dest = self._shaper.destination(domain, route.hosts)
+        shaped = _Shaped(dest, self._shaper.messages_per_connection(dest))
         granted = self._shaper.take(shaped.dest, len(jobs))
         if granted < len(jobs):
             await self._defer_locally(jobs[granted:], shaped.dest, "")
-        per_connection = self._shaper.messages_per_connection(shaped.dest)
+        per_connection = shaped.per_connection
         sending = jobs[:granted]
         chunks = [
             sending[start : start + per_connection]
@@ -866,7 +860,9 @@ class DeliveryWorker:
                 await self._defer_locally(jobs, shaped.dest, " (the server throttled us)")
                 return
             async with self._connections:
-                host = shaped.unreachable or await self._checkout(target, tls, len(jobs))
+                host = shaped.unreachable or await self._checkout(
+                    target, tls, len(jobs), shaped.per_connection
+                )
                 if not isinstance(host, _Host):
                     problem = shaped.unreachable = host
                     data = {**target.details, "status": problem.status}
@@ -886,7 +882,7 @@ class DeliveryWorker:
                         *(self._send_and_record(connected, job) for job in jobs)
                     )
                 finally:
-                    self._checkin(target.connection_key(tls), connected, shaped.dest)
+                    self._checkin(target.connection_key(tls), connected, shaped.per_connection)
             # Decided before the connection slot is given up, so a connection
             # waiting for it sees the flag and does not open at the old rate.
             try:
@@ -895,7 +891,7 @@ class DeliveryWorker:
                 log.exception("traffic shaping failed for %s", shaped.dest)
 
     async def _checkout(
-        self, target: _Target, tls: TlsPolicy, count: int
+        self, target: _Target, tls: TlsPolicy, count: int, per_connection: int
     ) -> _Host | DnsFailure | OutboundError:
         """A cached connection to ``target`` that answers RSET, else a new one.
 
@@ -906,9 +902,6 @@ class DeliveryWorker:
         one costs nothing but the probe.
         """
         key = target.connection_key(tls)
-        per_connection = self._shaper.messages_per_connection(
-            self._shaper.destination(target.route.domain, target.route.hosts)
-        )
         while True:
             cached, stale = self._idle.take(key)
             for old in stale:
@@ -933,9 +926,9 @@ class DeliveryWorker:
             return host
         return await self._connect(target, tls)
 
-    def _checkin(self, key: tuple[Any, ...], host: _Host, dest: str) -> None:
+    def _checkin(self, key: tuple[Any, ...], host: _Host, per_connection: int) -> None:
         """Keep ``host`` for the next batch to the same hosts, or close it."""
-        if host.connection.closed or host.used >= self._shaper.messages_per_connection(dest):
+        if host.connection.closed or host.used >= per_connection:
             self._close_soon(host)
             return
         for surplus in self._idle.give(key, host):

@@ -303,10 +303,7 @@ def mark_delivered(
     and added to the event data unless ``data`` has a ``reply`` of its own.
     False, and nothing written, if ``owner`` no longer holds the lease.
     """
-    values: dict[str, Any] = {"attempts": recipients.c.attempts + 1}
-    if reply is not None:
-        values["last_reply"] = reply
-    return _finish(conn, id, owner, now, "delivered", values, "delivered", data, reply)
+    return mark_delivered_many(conn, [Delivery(id, data, reply)], owner=owner, now=now)[0]
 
 
 @dataclass(frozen=True, slots=True)
