@@ -407,6 +407,7 @@ port = {p.http}
 
 [smtp]
 processes = {processes}
+commit_process = {commit_process}
 
 # Scenario 1: smtp-source, which cannot AUTH; 127.0.0.1 is the account's trusted network.
 [[smtp.listeners]]
@@ -447,11 +448,18 @@ def postlane_cli(cwd: Path, *args: str) -> str:
     return result.stdout
 
 
-def make_template(directory: Path, ports: Ports, processes: int = 1) -> str:
+def make_template(
+    directory: Path, ports: Ports, processes: int = 1, commit_process: bool = True
+) -> str:
     """A data directory with the bench account, domain and SMTP user; returns its password."""
     directory.mkdir(parents=True)
     (directory / "postlane.toml").write_text(
-        POSTLANE_TOML.format(hostname=HOSTNAME, p=ports, processes=processes)
+        POSTLANE_TOML.format(
+            hostname=HOSTNAME,
+            p=ports,
+            processes=processes,
+            commit_process=str(commit_process).lower(),
+        )
     )
     postlane_cli(directory, "account", "create", "bench")
     postlane_cli(directory, "domain", "add", "--account", "bench", "bench.test")
@@ -1255,7 +1263,7 @@ def summary(results: dict[str, Any], failures: list[str]) -> str:
         "",
         "=" * width,
         f"Postlane ingest benchmark, {m['date']}; Postlane [smtp] processes = "
-        f"{m.get('smtp_processes', 1)}",
+        f"{m.get('smtp_processes', 1)}, commit_process = {m.get('commit_process', True)}",
         f"machine: {m['nproc']} x {m['cpu_model']}, {m['mem_total_gib']} GiB RAM, "
         f"Linux {m['kernel']}, Debian {m['debian']}; fsync of 4 KiB: median "
         f"{m['fsync_ms_median']} ms, p90 {m['fsync_ms_p90']} ms; niceness {m['niceness']}",
@@ -1390,6 +1398,11 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="Postlane [smtp] processes: intake processes sharing the ports (default 1)",
     )
+    p.add_argument(
+        "--no-commit-process",
+        action="store_true",
+        help="Postlane [smtp] commit_process = false: commits in a thread of intake",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy runs")
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument(
@@ -1445,10 +1458,13 @@ def main() -> int:
     try:
         results["machine"] = machine_info(Postfix(work, ports.postfix).version(), work)
         results["machine"]["smtp_processes"] = args.smtp_processes
+        results["machine"]["commit_process"] = not args.no_commit_process
         say(f"work directory {work}; ports {ports.__dict__}")
         say(json.dumps(results["machine"]))
         bench.template = work / "postlane-template"
-        bench.password = make_template(bench.template, ports, args.smtp_processes)
+        bench.password = make_template(
+            bench.template, ports, args.smtp_processes, not args.no_commit_process
+        )
         bench.smoke()
         sessions = [int(s) for s in args.sessions.split(",") if s.strip()]
         results["smtp_source"] = {}

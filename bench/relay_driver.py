@@ -213,6 +213,7 @@ port = {http}
 
 [smtp]
 processes = {smtp_processes}
+commit_process = {commit_process}
 
 # smtp-source cannot AUTH; 127.0.0.1 is the account's trusted network.
 [[smtp.listeners]]
@@ -371,6 +372,7 @@ def make_template(directory: Path, ports: Ports, cfg: dict[str, Any]) -> str:
             poll_interval=cfg["poll_interval"],
             shaping=shaping,
             smtp_processes=cfg["smtp_processes"],
+            commit_process=str(cfg.get("commit_process", True)).lower(),
         )
     )
     postlane_cli(directory, "account", "create", "bench")
@@ -780,7 +782,8 @@ def summary(results: dict[str, Any], failures: list[str]) -> str:
         f"poll_interval {cfg['poll_interval']}, shaping [default] max_connections "
         f"{cfg['concurrency']}, messages_per_connection {cfg['messages_per_connection']}, "
         f"messages_per_minute 1e8; DKIM RSA-2048; processes: {cfg.get('processes', 'one')}; "
-        f"[smtp] processes {cfg.get('smtp_processes', 1)}",
+        f"[smtp] processes {cfg.get('smtp_processes', 1)}, "
+        f"commit_process {cfg.get('commit_process', True)}",
         "-" * width,
         f"{'run':<22}{'server':<10}{'msgs':>7}{'accept s':>10}{'accept/s':>10}{'e2e s':>9}"
         f"{'e2e msg/s':>11}{'sink s':>9}{'srv CPU s':>11}{'ms/msg':>8}{'sink n':>8}{'other%':>8}",
@@ -862,6 +865,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--smtp-processes", type=int, default=1, help="Postlane [smtp] processes (default 1)"
     )
+    p.add_argument(
+        "--no-commit-process",
+        action="store_true",
+        help="Postlane [smtp] commit_process = false: commits in a thread of intake",
+    )
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep Postlane databases")
     return p.parse_args()
@@ -909,6 +917,7 @@ def main() -> int:
             "poll_interval": args.poll_interval,
             "messages_per_connection": args.per_connection,
             "smtp_processes": args.smtp_processes,
+            "commit_process": not args.no_commit_process,
             "processes": {
                 "serve": "serve (delivery in its child process)",
                 "one": "one: serve --role smtp --role delivery",

@@ -125,8 +125,9 @@ def serve(
     role: Annotated[
         list[str] | None,
         typer.Option(
-            help="Run only this role (repeatable): smtp, delivery. Default: every role, "
-            "delivery in a child process unless delivery.own_process is false",
+            help="Run only this role (repeatable): smtp, delivery, commit. Default: smtp and "
+            "delivery, delivery in a child process unless delivery.own_process is false; "
+            "intake starts the commit process itself unless smtp.commit_process is false",
         ),
     ] = None,
     metrics: Annotated[
@@ -147,11 +148,15 @@ def serve(
 
     roles = runtime.parse_roles(role)
     settings = _state.settings
+    first: list[runtime.Role] = []
     children: list[runtime.Role] = []
     base = [sys.executable, "-m", "postlane"]
     if _state.config_file is not None:
         base += ["--config", str(_state.config_file.resolve())]
     if metrics and "smtp" in roles:  # the first process: more intake processes if asked
+        if settings.smtp.commit_process:  # and the process that commits for all of them
+            commit = [*base, "serve", "--role", "commit", "--no-metrics"]
+            first.append(ChildRole("commit", commit))
         for number in range(2, settings.smtp.processes + 1):
             command = [*base, "serve", "--role", "smtp", "--no-metrics"]
             children.append(ChildRole(f"smtp {number}", command))
@@ -159,7 +164,15 @@ def serve(
         delivery = [*base, "serve", "--role", "delivery", "--no-metrics"]
         children.append(ChildRole("delivery", delivery))
         roles = tuple(r for r in roles if r != "delivery")
-    runtime.run(settings, _state.db, _state.master_key, roles, metrics=metrics, children=children)
+    runtime.run(
+        settings,
+        _state.db,
+        _state.master_key,
+        roles,
+        metrics=metrics,
+        first=first,
+        children=children,
+    )
 
 
 @app.command()

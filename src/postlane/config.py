@@ -140,6 +140,11 @@ class SmtpSettings(_Section):
         description="Intake processes sharing the listening ports (SO_REUSEPORT); more than 1 "
         "lets intake use more cores",
     )
+    commit_process: bool = Field(
+        True,
+        description="Commit accepted messages in a process of their own, shared by every "
+        "intake process (false: in a thread of each intake process)",
+    )
 
 
 class AuthSettings(_Section):

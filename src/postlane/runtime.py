@@ -61,15 +61,18 @@ class MetricsEndpoint:
 
 
 ROLES = ("smtp", "delivery")
+# run only when asked for: the first intake process starts it as its child
+HELPER_ROLES = ("commit",)
 
 
 def parse_roles(names: list[str] | None) -> tuple[str, ...]:
     """The roles asked for on the command line (all when none), checked."""
     if not names:
         return ROLES
-    unknown = [n for n in names if n not in ROLES]
+    known = ROLES + HELPER_ROLES
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise InvalidInput(f"unknown role {unknown[0]!r}: choose from {', '.join(ROLES)}")
+        raise InvalidInput(f"unknown role {unknown[0]!r}: choose from {', '.join(known)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -80,16 +83,24 @@ def build_roles(
     roles: tuple[str, ...] = ROLES,
     *,
     metrics: bool = True,
+    first: Sequence[Role] = (),
     children: Sequence[Role] = (),
 ) -> list[Role]:
-    """The roles to run: SMTP intake and/or delivery here, ``children`` in their processes.
+    """The roles to run: SMTP intake and/or delivery here, ``first`` and ``children`` in
+    their processes.
 
     Metrics are served unless ``metrics`` is False (a child process: the
-    first process serves them on the HTTP port).
+    first process serves them on the HTTP port). Roles start in list order
+    and stop in reverse, and ``first`` come before the roles of this process:
+    the commit process starts before the intake that needs it and stops after
+    intake has finished its commits.
     """
     built: list[Role] = []
     if metrics:
         built.append(MetricsEndpoint(settings.http.address, settings.http.port))
+    if "commit" in roles:
+        built.append(_commit_role(settings, db))
+    built.extend(first)
     if "smtp" in roles:
         built.append(_smtp_role(settings, db))
     if "delivery" in roles:
@@ -102,8 +113,21 @@ def build_roles(
     return built
 
 
+def _commit_role(settings: Settings, db: Database) -> Role:
+    from postlane.intake.commit_service import CommitService, socket_path
+
+    return CommitService(
+        db,
+        socket_path(settings.data_dir),
+        max_batch=settings.smtp.commit_max_batch,
+        duplicate_window=settings.smtp.duplicate_window,
+    )
+
+
 def _smtp_role(settings: Settings, db: Database) -> Role:
-    from postlane.intake.committer import GroupCommitter
+    from postlane.intake.commit_service import socket_path
+    from postlane.intake.committer import Committer, GroupCommitter
+    from postlane.intake.remote_committer import RemoteCommitter
     from postlane.smtp.auth_guard import CredentialCache, FailureThrottle
     from postlane.smtp.authenticator import Authenticator
     from postlane.smtp.server import SmtpServer
@@ -121,12 +145,16 @@ def _smtp_role(settings: Settings, db: Database) -> Role:
         FailureThrottle(settings.auth.max_failures, settings.auth.failure_window),
     )
     directory.on_change = authenticator.on_tenants_changed
-    committer = GroupCommitter(
-        db,
-        max_delay=smtp.commit_max_delay,
-        max_batch=smtp.commit_max_batch,
-        duplicate_window=smtp.duplicate_window,
-    )
+    committer: Committer
+    if smtp.commit_process:
+        committer = RemoteCommitter(socket_path(settings.data_dir))
+    else:
+        committer = GroupCommitter(
+            db,
+            max_delay=smtp.commit_max_delay,
+            max_batch=smtp.commit_max_batch,
+            duplicate_window=smtp.duplicate_window,
+        )
     return SmtpServer(settings, directory, authenticator, committer, tls)
 
 
@@ -138,6 +166,7 @@ async def serve(
     log_buffer: logging.Handler | None = None,
     *,
     metrics: bool = True,
+    first: Sequence[Role] = (),
     children: Sequence[Role] = (),
 ) -> None:
     """Run every role until a stop signal arrives."""
@@ -145,7 +174,9 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    to_start = build_roles(settings, db, master_key, roles, metrics=metrics, children=children)
+    to_start = build_roles(
+        settings, db, master_key, roles, metrics=metrics, first=first, children=children
+    )
     started: list[Role] = []
     flusher = asyncio.ensure_future(logs.flush_periodically(log_buffer)) if log_buffer else None
     try:
@@ -186,11 +217,21 @@ def run(
     roles: tuple[str, ...] = ROLES,
     *,
     metrics: bool = True,
+    first: Sequence[Role] = (),
     children: Sequence[Role] = (),
 ) -> None:
     """Entry point of ``postlane serve``."""
     log_buffer = logs.configure(settings.log_level)
-    main = serve(settings, db, master_key, roles, log_buffer, metrics=metrics, children=children)
+    main = serve(
+        settings,
+        db,
+        master_key,
+        roles,
+        log_buffer,
+        metrics=metrics,
+        first=first,
+        children=children,
+    )
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds

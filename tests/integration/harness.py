@@ -68,6 +68,8 @@ class ServerConfig:
     max_message_size: int = 32 * 1024 * 1024
     #: ``[smtp] processes``: intake processes sharing the ports.
     smtp_processes: int = 1
+    #: ``[smtp] commit_process``: commits in a process of their own, or in a thread of intake.
+    commit_process: bool = True
     #: Called with the server before it starts, to create the module's own tenants.
     prepare: Callable[[PostlaneServer], None] | None = None
     #: ``serve --role`` values: intake only unless a module delivers (to loopback DNS).
@@ -96,6 +98,7 @@ log_level = "info"
 [smtp]
 max_message_size = {config.max_message_size}
 processes = {config.smtp_processes}
+commit_process = {str(config.commit_process).lower()}
 
 [auth]
 max_failures = {config.max_failures}
@@ -336,6 +339,29 @@ class PostlaneServer:
             self._db.dispose()
             self._db = None
             self._store = None
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (from /proc)."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
+
+
+def role_children(pid: int, role: str) -> list[int]:
+    """The children of ``pid`` running ``serve --role ROLE --no-metrics``."""
+    found = []
+    for child in children(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as handle:
+                command = handle.read().split(b"\0")
+        except FileNotFoundError:  # it ended meanwhile
+            continue
+        if command[-5:-1] == [b"serve", b"--role", role.encode(), b"--no-metrics"]:
+            found.append(child)
+    return found
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float = REFRESH_TIMEOUT) -> T:

@@ -22,8 +22,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 from postlane import metrics
 from postlane.errors import CommitFailed, PostlaneError
@@ -51,7 +53,19 @@ class _Pending:
 _STOP = object()
 
 
+class Committer(Protocol):
+    """What a session needs: its message made durable (here, or in the commit process)."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def commit(self, message: NewMessage) -> CommitResult: ...
+
+
 class GroupCommitter:
+    """Group commit in a writer thread of this process (``smtp.commit_process = false``)."""
+
     def __init__(
         self,
         db: Database,
@@ -68,6 +82,12 @@ class GroupCommitter:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._last_batch = 0
+
+    async def open(self) -> None:
+        self.start()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.stop)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="intake-commit", daemon=True)
@@ -138,48 +158,78 @@ class GroupCommitter:
 
     def _write(self, batch: list[_Pending]) -> None:
         self._last_batch = len(batch)
-        started = time.perf_counter()
-        try:
-            results = self._transaction(batch)
-        except Exception as exc:  # any failure must reach the sessions, never kill the writer
-            if not isinstance(exc, PostlaneError):
-                log.exception("unexpected error in an intake commit")
-            metrics.COMMIT_FAILURES.inc()
-            if len(batch) == 1:
-                log.error("intake commit failed for %s: %s", batch[0].message.id, exc)
-                _resolve(batch[0], CommitFailed(str(exc)))
-                return
-            log.warning("grouped commit of %d failed (%s); retrying one by one", len(batch), exc)
-            for item in batch:
-                self._write([item])
-            return
-        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        metrics.COMMIT_BATCH_SIZE.observe(len(batch))
-        for item, result in zip(batch, results, strict=True):
+        outcome = write_batch(self._db, [p.message for p in batch], self._window)
+        record_metrics(len(batch), outcome.seconds, outcome.failed_transactions)
+        for item, result in zip(batch, outcome.results, strict=True):
             _resolve(item, result)
 
-    def _transaction(self, batch: list[_Pending]) -> list[CommitResult]:
-        keys = [p.message.dedupe_key for p in batch if p.message.dedupe_key]
-        since = min(p.message.received_at for p in batch) - self._window
-        fresh: list[NewMessage] = []
-        duplicates: list[tuple[NewMessage, str]] = []
-        results: list[CommitResult] = []
-        with self._db.begin() as conn:
-            seen = find_duplicates(conn, keys, since) if keys and self._window else {}
-            for item in batch:
-                message = item.message
-                original = seen.get(message.dedupe_key) if message.dedupe_key else None
-                if original is not None:
-                    duplicates.append((message, original))
-                    results.append(CommitResult(original, duplicate_of=original))
-                    continue
-                if message.dedupe_key and self._window:
-                    seen[message.dedupe_key] = message.id
-                fresh.append(message)
-                results.append(CommitResult(message.id))
-            insert_messages(conn, fresh)
-            record_duplicates(conn, duplicates)
-        return results
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What one grouped commit did: each message's result, and what the metrics count."""
+
+    results: list[CommitResult | CommitFailed]
+    seconds: float
+    failed_transactions: int
+
+
+def write_batch(db: Database, batch: Sequence[NewMessage], window: timedelta) -> BatchOutcome:
+    """Commit messages in one transaction; each gets its result or its own failure.
+
+    If the grouped transaction fails, the messages are written one by one so
+    that one bad message cannot fail its neighbours.
+    """
+    started = time.perf_counter()
+    try:
+        results: list[CommitResult | CommitFailed] = list(_transaction(db, batch, window))
+    except Exception as exc:  # any failure must reach the sessions, never kill the writer
+        if not isinstance(exc, PostlaneError):
+            log.exception("unexpected error in an intake commit")
+        if len(batch) == 1:
+            log.error("intake commit failed for %s: %s", batch[0].id, exc)
+            return BatchOutcome([CommitFailed(str(exc))], time.perf_counter() - started, 1)
+        log.warning("grouped commit of %d failed (%s); retrying one by one", len(batch), exc)
+        singles = [write_batch(db, [message], window) for message in batch]
+        return BatchOutcome(
+            [one.results[0] for one in singles],
+            time.perf_counter() - started,
+            1 + sum(one.failed_transactions for one in singles),
+        )
+    return BatchOutcome(results, time.perf_counter() - started, 0)
+
+
+def record_metrics(size: int, seconds: float, failed_transactions: int) -> None:
+    """Count a grouped commit (its size and time only when it committed as a group)."""
+    if failed_transactions:
+        metrics.COMMIT_FAILURES.inc(failed_transactions)
+    else:
+        metrics.COMMIT_SECONDS.observe(seconds)
+        metrics.COMMIT_BATCH_SIZE.observe(size)
+
+
+def _transaction(
+    db: Database, batch: Sequence[NewMessage], window: timedelta
+) -> list[CommitResult]:
+    keys = [m.dedupe_key for m in batch if m.dedupe_key]
+    since = min(m.received_at for m in batch) - window
+    fresh: list[NewMessage] = []
+    duplicates: list[tuple[NewMessage, str]] = []
+    results: list[CommitResult] = []
+    with db.begin() as conn:
+        seen = find_duplicates(conn, keys, since) if keys and window else {}
+        for message in batch:
+            original = seen.get(message.dedupe_key) if message.dedupe_key else None
+            if original is not None:
+                duplicates.append((message, original))
+                results.append(CommitResult(original, duplicate_of=original))
+                continue
+            if message.dedupe_key and window:
+                seen[message.dedupe_key] = message.id
+            fresh.append(message)
+            results.append(CommitResult(message.id))
+        insert_messages(conn, fresh)
+        record_duplicates(conn, duplicates)
+    return results
 
 
 def _resolve(item: _Pending, outcome: CommitResult | Exception) -> None:

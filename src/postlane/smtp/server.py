@@ -23,7 +23,7 @@ from postlane import metrics
 from postlane.config import ListenerSettings, Settings
 from postlane.errors import CommitFailed, InvalidInput, MessageRejected
 from postlane.intake import pipeline
-from postlane.intake.committer import CommitResult, GroupCommitter
+from postlane.intake.committer import CommitResult, Committer
 from postlane.intake.queue_id import new_queue_id
 from postlane.smtp import protocol as p
 from postlane.smtp.authenticator import Authenticator
@@ -56,7 +56,7 @@ class SmtpSession(asyncio.Protocol):
         listener: ListenerContext,
         directory: TenantDirectory,
         authenticator: Authenticator,
-        committer: GroupCommitter,
+        committer: Committer,
         tls: TlsContextHolder,
         on_close: Callable[[SmtpSession], None],
     ) -> None:
@@ -515,7 +515,7 @@ class SmtpServer:
         settings: Settings,
         directory: TenantDirectory,
         authenticator: Authenticator,
-        committer: GroupCommitter,
+        committer: Committer,
         tls: TlsContextHolder,
     ) -> None:
         self._settings = settings
@@ -557,7 +557,7 @@ class SmtpServer:
 
     async def start(self) -> None:
         await asyncio.to_thread(self._directory.reload)
-        self._committer.start()
+        await self._committer.open()
         loop = asyncio.get_running_loop()
         for listener in self._settings.smtp.listeners:
             context = self._context(listener)
@@ -605,4 +605,4 @@ class SmtpServer:
             await asyncio.wait(in_flight, timeout=30)
         if self._refresh is not None:
             self._refresh.cancel()
-        await asyncio.to_thread(self._committer.stop)
+        await self._committer.close()

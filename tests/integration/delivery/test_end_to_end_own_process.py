@@ -13,7 +13,7 @@ import signal
 import pytest
 
 from dnsserver import DnsServer
-from integration.harness import PostlaneServer, ServerConfig, wait_for
+from integration.harness import PostlaneServer, ServerConfig, role_children, wait_for
 
 from .test_end_to_end import dns, mx_port
 from .test_end_to_end import test_accepted_message_is_delivered_to_the_mx as send_and_check
@@ -37,34 +37,27 @@ def test_accepted_message_is_delivered_by_the_delivery_process(server: PostlaneS
     send_and_check(server)
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            found += [int(child) for child in handle.read().split()]
-    return found
-
-
 def test_plain_serve_supervises_its_delivery_process(server: PostlaneServer) -> None:
     assert server.process is not None
-    (child,) = wait_for(lambda: _children(server.process.pid) or None, timeout=10)
-    with open(f"/proc/{child}/cmdline", "rb") as handle:
-        command = handle.read().split(b"\0")
-    assert command[-5:-1] == [b"serve", b"--role", b"delivery", b"--no-metrics"]
+    pid = server.process.pid
+    (child,) = wait_for(lambda: role_children(pid, "delivery") or None, timeout=10)
     os.kill(child, signal.SIGKILL)  # a crash: the first process starts another
     (again,) = wait_for(
-        lambda: [c for c in _children(server.process.pid) if c != child] or None, timeout=15
+        lambda: [c for c in role_children(pid, "delivery") if c != child] or None, timeout=15
     )
     assert again != child
     send_and_check(server)  # the new one delivers
 
 
-def test_stopping_serve_stops_its_delivery_process(server: PostlaneServer) -> None:
+def test_stopping_serve_stops_its_delivery_and_commit_processes(server: PostlaneServer) -> None:
     assert server.process is not None
-    (child,) = wait_for(lambda: _children(server.process.pid) or None, timeout=10)
+    pid = server.process.pid
+    (delivery,) = wait_for(lambda: role_children(pid, "delivery") or None, timeout=10)
+    (commit,) = wait_for(lambda: role_children(pid, "commit") or None, timeout=10)
     server.send_signal(signal.SIGTERM)
     server.process.wait(timeout=60)
-    assert not os.path.exists(f"/proc/{child}") or _zombie(child)
+    for child in (delivery, commit):
+        assert not os.path.exists(f"/proc/{child}") or _zombie(child)
 
 
 def _zombie(pid: int) -> bool:

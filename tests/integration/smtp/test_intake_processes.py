@@ -7,7 +7,6 @@ each accepts mail into the same queue.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import uuid
@@ -15,7 +14,14 @@ from contextlib import ExitStack
 
 import pytest
 
-from integration.harness import PostlaneServer, ServerConfig, connect, send, wait_for
+from integration.harness import (
+    PostlaneServer,
+    ServerConfig,
+    connect,
+    role_children,
+    send,
+    wait_for,
+)
 from postlane.smtp import tls
 
 from .test_proxy_and_reload import _peer_certificate
@@ -24,14 +30,6 @@ from .test_proxy_and_reload import _peer_certificate
 @pytest.fixture(scope="module")
 def server_config() -> ServerConfig:
     return ServerConfig(smtp_processes=2)
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            found += [int(child) for child in handle.read().split()]
-    return found
 
 
 def _owners(port: int) -> set[int]:
@@ -50,7 +48,7 @@ def test_connections_are_spread_over_both_processes_and_all_accepted(
 ) -> None:
     assert server.process is not None
     assert "smtp 2 (own process)" in server.stdout
-    (child,) = wait_for(lambda: _children(server.process.pid) or None, timeout=10)
+    (child,) = wait_for(lambda: role_children(server.process.pid, "smtp") or None, timeout=10)
     subject = f"two processes {uuid.uuid4().hex}"
     with ExitStack() as stack:
         clients = [stack.enter_context(connect(server.ports.plain)) for _ in range(24)]
@@ -74,7 +72,7 @@ def test_connections_are_spread_over_both_processes_and_all_accepted(
 def test_sighup_reaches_the_second_process(server: PostlaneServer) -> None:
     """A renewed certificate is served by both processes after one SIGHUP to the first."""
     assert server.process is not None
-    (child,) = wait_for(lambda: _children(server.process.pid) or None, timeout=10)
+    (child,) = wait_for(lambda: role_children(server.process.pid, "smtp") or None, timeout=10)
     before = _peer_certificate(server.ports.implicit).serial_number
     key = server.cert_path.with_suffix(".key")
     tls.write_self_signed("mail.postlane.test", server.cert_path, key)
@@ -83,4 +81,4 @@ def test_sighup_reaches_the_second_process(server: PostlaneServer) -> None:
     # 16 new connections, spread over both processes: each shows the new certificate
     serials = {_peer_certificate(server.ports.implicit).serial_number for _ in range(16)}
     assert before not in serials and len(serials) == 1
-    assert _children(server.process.pid) == [child]  # reloaded, not restarted
+    assert role_children(server.process.pid, "smtp") == [child]  # reloaded, not restarted

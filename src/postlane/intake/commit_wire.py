@@ -1,0 +1,64 @@
+"""How intake processes and the commit process talk: length-prefixed frames, sans-IO.
+
+Each frame is a 4-byte big-endian length and a pickle. Pickle is safe here
+only because both ends are Postlane processes of the same user: the socket
+lives in the data directory with mode 0600, and the commit process also checks
+the peer's uid (``SO_PEERCRED``) before it reads a byte of a frame. Pickle is
+used because it is the fastest way CPython has to move a ``NewMessage`` (raw
+bytes, datetimes, a dict of options) between processes; a text encoding would
+cost more per message than the commit itself.
+
+A request is ``(sequence, NewMessage)``; an answer is ``(sequence, queue_id,
+duplicate_of, error)`` where ``error`` is ``None`` or the reason the message
+was not committed. Sequence numbers are the client's, so answers may come in
+any order.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any, Final
+
+from postlane.errors import InvalidInput
+
+MAX_FRAME: Final = 1 << 30  # above any message size intake accepts; a longer prefix is garbage
+_LENGTH = struct.Struct(">I")
+
+
+def encode(item: Any) -> bytes:
+    """One frame: the pickled item behind its length."""
+    payload = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Turns a byte stream into the items framed in it, however the stream was split."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[Any]:
+        """The items completed by ``data``; raises InvalidInput on a frame too long to be ours."""
+        buffer = self._buffer
+        buffer += data
+        items: list[Any] = []
+        start = 0
+        while len(buffer) - start >= 4:
+            (length,) = _LENGTH.unpack_from(buffer, start)
+            if length > self._max:
+                raise InvalidInput(f"commit frame of {length} bytes is longer than {self._max}")
+            end = start + 4 + length
+            if len(buffer) < end:
+                break
+            items.append(pickle.loads(buffer[start + 4 : end]))  # noqa: S301 - see above
+            start = end
+        if start:
+            del buffer[:start]
+        return items
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a frame not yet complete."""
+        return len(self._buffer)

@@ -1,0 +1,292 @@
+"""The commit process and its clients, over a real Unix socket, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import stat
+import struct
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from postlane.errors import CommitFailed, ConfigError
+from postlane.intake.commit_service import CommitService, _peer_uid, socket_path
+from postlane.intake.committer import CommitResult
+from postlane.intake.remote_committer import RemoteCommitter
+from postlane.store import Account, Database
+from postlane.store.schema import recipients
+
+from .test_committer import batch_stats, count, event_rows, failures, message_ids, new_message
+
+T = TypeVar("T")
+WAIT = 10.0
+
+
+@pytest.fixture
+def sock() -> Iterator[Path]:
+    """A socket path short enough for sun_path (test directories can be long)."""
+    directory = tempfile.mkdtemp(prefix="plc")
+    try:
+        yield Path(directory) / "commit.sock"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run(scenario: Callable[[], Awaitable[T]]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(scenario(), WAIT)
+
+    return asyncio.run(bounded())
+
+
+@asynccontextmanager
+async def serving(db: Database, path: Path, **options: Any) -> AsyncIterator[CommitService]:
+    service = CommitService(db, path, **options)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+@asynccontextmanager
+async def client(path: Path, connect_timeout: float = 2.0) -> AsyncIterator[RemoteCommitter]:
+    committer = RemoteCommitter(path, connect_timeout=connect_timeout)
+    await committer.open()
+    try:
+        yield committer
+    finally:
+        await committer.close()
+
+
+# -- committing ------------------------------------------------------------------------------
+
+
+def test_a_message_sent_to_the_commit_process_is_stored_before_the_answer(
+    db: Database, account: Account, sock: Path
+) -> None:
+    message = new_message(account.id)
+
+    async def scenario() -> CommitResult:
+        async with serving(db, sock), client(sock) as committer:
+            return await committer.commit(message)
+
+    assert run(scenario) == CommitResult(message.id)
+    assert message_ids(db) == [message.id]
+    assert count(db, recipients) == 1
+    assert [t for _, t, _ in event_rows(db)] == ["accepted", "queued"]
+
+
+def test_messages_waiting_together_share_one_transaction(
+    db: Database, account: Account, sock: Path
+) -> None:
+    batch = [new_message(account.id) for _ in range(20)]
+    batches_before, messages_before = batch_stats()
+
+    async def scenario() -> list[CommitResult]:
+        async with serving(db, sock), client(sock) as committer:
+            return list(await asyncio.gather(*(committer.commit(m) for m in batch)))
+
+    assert run(scenario) == [CommitResult(m.id) for m in batch]
+    batches, committed = batch_stats()
+    assert committed - messages_before == 20
+    assert batches - batches_before < 20  # counted by the client that got each first answer
+    assert sorted(message_ids(db)) == sorted(m.id for m in batch)
+
+
+def test_max_batch_splits_a_long_queue_into_several_commits(
+    db: Database, account: Account, sock: Path
+) -> None:
+    batch = [new_message(account.id) for _ in range(10)]
+    batches_before, _ = batch_stats()
+
+    async def scenario() -> None:
+        async with serving(db, sock, max_batch=3), client(sock) as committer:
+            await asyncio.gather(*(committer.commit(m) for m in batch))
+
+    run(scenario)
+    assert batch_stats()[0] - batches_before >= 4
+    assert len(message_ids(db)) == 10
+
+
+def test_a_resubmission_from_another_intake_process_is_a_duplicate(
+    db: Database, account: Account, sock: Path
+) -> None:
+    first = new_message(account.id, dedupe_key="k1")
+    again = new_message(account.id, dedupe_key="k1")
+
+    async def scenario() -> tuple[CommitResult, CommitResult]:
+        async with serving(db, sock), client(sock) as one, client(sock) as two:
+            a = await one.commit(first)
+            b = await two.commit(again)
+            return a, b
+
+    assert run(scenario) == (CommitResult(first.id), CommitResult(first.id, first.id))
+    assert message_ids(db) == [first.id]
+
+
+def test_a_bad_message_fails_alone_and_its_neighbours_commit(
+    db: Database, account: Account, sock: Path
+) -> None:
+    good1, good2 = new_message(account.id), new_message(account.id)
+    bad = new_message(account.id + 1000)  # no such account: the foreign key refuses it
+    failed_before = failures()
+
+    async def scenario() -> list[Any]:
+        async with serving(db, sock), client(sock) as committer:
+            commits = (committer.commit(m) for m in (good1, bad, good2))
+            return list(await asyncio.gather(*commits, return_exceptions=True))
+
+    results = run(scenario)
+    assert results[0] == CommitResult(good1.id)
+    assert isinstance(results[1], CommitFailed)
+    assert results[2] == CommitResult(good2.id)
+    assert failures() - failed_before == 2  # the group, then the bad message alone
+    assert sorted(message_ids(db)) == sorted([good1.id, good2.id])
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+def test_with_no_commit_process_intake_cannot_start(sock: Path) -> None:
+    async def scenario() -> None:
+        async with client(sock, connect_timeout=0.2):
+            pass
+
+    with pytest.raises(CommitFailed, match=r"cannot reach the commit process at .*commit\.sock"):
+        run(scenario)
+
+
+def test_messages_in_flight_fail_when_the_commit_process_goes_away_and_the_next_reconnects(
+    db: Database, account: Account, sock: Path
+) -> None:
+    """451 for what may not be stored; the restarted commit process takes the next one."""
+    lost, later = new_message(account.id), new_message(account.id)
+
+    async def vanishing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # a request arrived; this "commit process" dies without answering
+        writer.close()
+
+    async def scenario() -> CommitResult:
+        server = await asyncio.start_unix_server(vanishing, str(sock))
+        committer = RemoteCommitter(sock, connect_timeout=5.0)
+        await committer.open()
+        with pytest.raises(CommitFailed, match="closed the connection"):
+            await committer.commit(lost)
+        server.close()
+        await server.wait_closed()
+        async with serving(db, sock):  # a new commit process (it removes the stale file)
+            result = await committer.commit(later)
+        await committer.close()
+        return result
+
+    assert run(scenario) == CommitResult(later.id)
+    assert message_ids(db) == [later.id]
+
+
+def test_close_waits_for_the_answers_in_flight_and_then_refuses(
+    db: Database, account: Account, sock: Path
+) -> None:
+    batch = [new_message(account.id) for _ in range(5)]
+
+    async def scenario() -> list[CommitResult]:
+        async with serving(db, sock):
+            committer = RemoteCommitter(sock)
+            await committer.open()
+            tasks = [asyncio.ensure_future(committer.commit(m)) for m in batch]
+            await asyncio.sleep(0)  # each request is written
+            await committer.close()
+            assert all(t.done() for t in tasks)
+            with pytest.raises(CommitFailed, match="intake is not running"):
+                await committer.commit(new_message(account.id))
+            return [t.result() for t in tasks]
+
+    assert run(scenario) == [CommitResult(m.id) for m in batch]
+    assert len(message_ids(db)) == 5
+
+
+def test_an_unreadable_request_drops_only_that_connection(
+    db: Database, account: Account, sock: Path
+) -> None:
+    message = new_message(account.id)
+
+    async def scenario() -> tuple[bytes, CommitResult]:
+        async with serving(db, sock), client(sock) as committer:
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(struct.pack(">I", 3) + b"abc")
+            closed = await reader.read()  # the service closes it: EOF, no answer
+            writer.close()
+            return closed, await committer.commit(message)
+
+    assert run(scenario) == (b"", CommitResult(message.id))
+
+
+def test_a_request_of_the_wrong_shape_drops_the_connection(db: Database, sock: Path) -> None:
+    from postlane.intake.commit_wire import encode
+
+    async def scenario() -> bytes:
+        async with serving(db, sock):
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(encode(("not", "a request")))
+            closed = await reader.read()
+            writer.close()
+            return closed
+
+    assert run(scenario) == b""
+
+
+# -- the socket --------------------------------------------------------------------------------
+
+
+def test_the_socket_is_only_for_our_user_and_removed_on_stop(db: Database, sock: Path) -> None:
+    async def scenario() -> int:
+        async with serving(db, sock):
+            return stat.S_IMODE(os.stat(sock).st_mode)
+
+    assert run(scenario) == 0o600
+    assert not sock.exists()
+
+
+def test_a_stale_socket_file_is_replaced(db: Database, account: Account, sock: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()  # the file stays, nobody listens: a crashed commit process
+    message = new_message(account.id)
+
+    async def scenario() -> CommitResult:
+        async with serving(db, sock), client(sock) as committer:
+            return await committer.commit(message)
+
+    assert run(scenario) == CommitResult(message.id)
+
+
+def test_a_second_commit_process_on_the_same_socket_is_refused(db: Database, sock: Path) -> None:
+    async def scenario() -> None:
+        async with serving(db, sock):
+            await CommitService(db, sock).start()
+
+    with pytest.raises(ConfigError, match="another Postlane commit process is listening"):
+        run(scenario)
+
+
+def test_the_peer_uid_is_read_from_the_kernel() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert _peer_uid(a) == os.getuid()
+
+
+def test_socket_path_is_absolute_and_inside_the_data_dir(tmp_path: Path) -> None:
+    assert socket_path(tmp_path) == tmp_path.resolve() / "commit.sock"
+
+
+def test_a_data_dir_too_long_for_a_socket_is_a_config_error(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+    with pytest.raises(ConfigError, match=r"longer than 107 bytes.*commit_process = false"):
+        socket_path(deep)
