@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from postlane.store import _sqlite_intake
 from postlane.store.schema import alerts, events, messages, recipients
 
 
@@ -103,6 +104,8 @@ def find_duplicates(conn: Connection, keys: Sequence[str], since: datetime) -> d
     """Dedupe key -> id of the message first accepted with it since ``since``."""
     if not keys:
         return {}
+    if conn.dialect.name == "sqlite":
+        return _sqlite_intake.find_duplicates(conn, keys, since)
     rows = conn.execute(_FIND_DUPLICATES, {"keys": sorted(set(keys)), "since": since})
     return {str(key): str(first) for key, first in rows}
 
@@ -112,6 +115,27 @@ def insert_messages(conn: Connection, batch: Sequence[NewMessage]) -> None:
     ``event_type``) and one ``queued`` event per recipient."""
     if not batch:
         return
+    if conn.dialect.name == "sqlite":
+        _sqlite_intake.insert(conn, batch)  # the same rows, without SQLAlchemy's overhead
+    else:
+        _insert_core(conn, batch)
+    alert_rows = [
+        {
+            "account_id": m.account_id,
+            "smtp_user_id": m.smtp_user_id,
+            "kind": "unauthorised_sender",
+            "message": text,
+            "message_id": m.id,
+            "created_at": m.received_at,
+        }
+        for m in batch
+        for text in m.alerts
+    ]
+    if alert_rows:
+        conn.execute(alerts.insert(), alert_rows)
+
+
+def _insert_core(conn: Connection, batch: Sequence[NewMessage]) -> None:
     conn.execute(
         _INSERT_MESSAGES,
         [
@@ -164,20 +188,6 @@ def insert_messages(conn: Connection, batch: Sequence[NewMessage]) -> None:
     if rows:
         event_rows += _insert_recipients(conn, rows)
     conn.execute(_INSERT_EVENTS, event_rows)
-    alert_rows = [
-        {
-            "account_id": m.account_id,
-            "smtp_user_id": m.smtp_user_id,
-            "kind": "unauthorised_sender",
-            "message": text,
-            "message_id": m.id,
-            "created_at": m.received_at,
-        }
-        for m in batch
-        for text in m.alerts
-    ]
-    if alert_rows:
-        conn.execute(alerts.insert(), alert_rows)
 
 
 def record_duplicates(conn: Connection, duplicates: Sequence[tuple[NewMessage, str]]) -> None:
