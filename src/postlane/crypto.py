@@ -77,8 +77,15 @@ class SecretBox:
 
 
 def generate_password() -> str:
-    """A strong password that survives copy and paste (URL-safe, 24 characters, 144 bits)."""
-    return secrets.token_urlsafe(18)
+    """A strong password that survives copy and paste (URL-safe, 24 characters, ~144 bits).
+
+    Never one that starts with ``-``: command-line clients (swaks, curl, a
+    shell script's getopt) would read ``--auth-password -x...`` as an option.
+    """
+    while True:
+        password = secrets.token_urlsafe(18)
+        if not password.startswith("-"):
+            return password
 
 
 def hash_password(password: str) -> str:

@@ -39,3 +39,10 @@ def test_password_hash_is_argon2_and_verifies() -> None:
     assert crypto.verify_password(hashed, password)
     assert not crypto.verify_password(hashed, password + "x")
     assert not crypto.verify_password("not a hash", password)
+
+
+def test_a_generated_password_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """swaks read such a password as an option ("Unknown option"): one in 64 used to."""
+    drawn = iter(["-LGBeu14zOEjEMBiLEMH6b1E", "LGBeu14zOEjEMBiLEMH6b1E-"])
+    monkeypatch.setattr(crypto.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert crypto.generate_password() == "LGBeu14zOEjEMBiLEMH6b1E-"
