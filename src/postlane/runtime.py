@@ -1,11 +1,14 @@
 """Starts and stops the roles of one Postlane process.
 
-Plain ``postlane serve`` runs intake here and delivery in a supervised child
-process (:mod:`postlane.child_role`, ``delivery.own_process``); ``--role``
-runs the roles named, all in this process; larger installs run the same
-binary per role against PostgreSQL. Whatever runs, SIGINT and SIGTERM stop it cleanly:
-listeners close first so no new work is accepted, then work in flight is
-allowed to finish, so nothing a client was told is accepted gets lost.
+Plain ``postlane serve`` runs intake here, and in supervised child processes
+(:mod:`postlane.child_role`) the commit process intake hands accepted
+messages to (``smtp.commit_process``) and delivery (``delivery.own_process``).
+``--role`` runs the roles named in this process (intake still starts its
+commit process and any further intake processes, ``smtp.processes``);
+larger installs run the same binary per role against PostgreSQL. Whatever
+runs, SIGINT and SIGTERM stop it cleanly: listeners close first so no new
+work is accepted, then work in flight is allowed to finish, so nothing a
+client was told is accepted gets lost.
 """
 
 from __future__ import annotations
