@@ -78,6 +78,7 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
             "'delivery.connection_cache_seconds' = -1: Input should be greater",
         ),
         ('[delivery]\nown_process = "sometimes"\n', "'delivery.own_process' = 'sometimes'"),
+        ('[smtp]\ncommit_process = "maybe"\n', "'smtp.commit_process' = 'maybe'"),
     ],
 )
 def test_bad_values_name_key_and_value(tmp_path: Path, toml: str, expected: str) -> None:

@@ -9,9 +9,11 @@ bytes, datetimes, a dict of options) between processes; a text encoding would
 cost more per message than the commit itself.
 
 A request is ``(sequence, NewMessage)``; an answer is ``(sequence, queue_id,
-duplicate_of, error)`` where ``error`` is ``None`` or the reason the message
-was not committed. Sequence numbers are the client's, so answers may come in
-any order.
+duplicate_of, error, stats)`` where ``error`` is ``None`` or the reason the
+message was not committed, and ``stats`` is ``(messages, seconds,
+failed_transactions)`` of the grouped commit on the first answer of each group
+(the metrics count a group once) and ``None`` on the others. Sequence numbers
+are the client's, so answers may come in any order.
 """
 
 from __future__ import annotations

@@ -3,9 +3,12 @@
 A message may only be acknowledged with ``250`` once it is durable, and a
 durable commit costs an fsync (milliseconds on real disks). Committing each
 message alone would cap intake at a few hundred messages a second however
-fast everything else is. Instead one writer thread takes every message that is
-waiting, writes them all in one transaction, and then answers each waiting
-session. With one client nothing waits: its message is committed at once.
+fast everything else is. Instead one writer takes every message that is
+waiting, writes them all in one transaction (:func:`write_batch`), and then
+answers each waiting session. The writer is the commit process
+(:mod:`postlane.intake.commit_service`, the default) or, with
+``smtp.commit_process = false``, a thread of the intake process
+(:class:`GroupCommitter`). With one client nothing waits: its message is committed at once.
 With many, the batch grows by itself while the previous commit is flushing,
 and ``max_delay`` lets a busy writer collect a few more before it starts.
 

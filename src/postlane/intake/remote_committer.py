@@ -106,25 +106,31 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            answers = self._reader.feed(data)
+            answers = [_answer(item) for item in self._reader.feed(data)]
         except Exception as exc:  # not our commit process: fail what waits
             self._fail(f"unreadable answer from the commit process ({exc})")
             if self._transport is not None:
                 self._transport.close()
             return
         for answer in answers:
-            self._answered(answer)
+            self._answered(*answer)
 
-    def _answered(self, answer: Any) -> None:
-        sequence, queue_id, duplicate_of, error, stats = answer
+    def _answered(
+        self,
+        sequence: int,
+        queue_id: str | None,
+        duplicate_of: str | None,
+        error: str | None,
+        stats: tuple[int, float, int] | None,
+    ) -> None:
         if stats is not None:
             record_metrics(*stats)
         future = self._waiting.pop(sequence, None)
         if future is not None and not future.done():
-            if error is None:
+            if error is None and queue_id is not None:
                 future.set_result(CommitResult(queue_id, duplicate_of=duplicate_of))
             else:
-                future.set_exception(CommitFailed(error))
+                future.set_exception(CommitFailed(error or "answer without a queue id"))
         if not self._waiting and self._idle is not None:
             self._idle.set()
 
@@ -146,3 +152,9 @@ class _Client(asyncio.Protocol):
             await self._idle.wait()
         if self._transport is not None:
             self._transport.close()
+
+
+def _answer(item: Any) -> tuple[Any, ...]:
+    if not isinstance(item, tuple) or len(item) != 5 or not isinstance(item[0], int):
+        raise ValueError(f"an answer is (sequence, queue_id, duplicate_of, error, stats): {item!r}")
+    return item

@@ -2,7 +2,7 @@
 
 This module only moves bytes and calls decisions made elsewhere: the protocol
 is ``protocol.Connection``, authentication is ``Authenticator``, what happens
-to a message is ``intake.pipeline`` and ``GroupCommitter``. Each session is an
+to a message is ``intake.pipeline`` and the ``Committer``. Each session is an
 ``asyncio.Protocol`` (no stream wrappers, no task per connection) because the
 per-connection cost is what decides how many clients one process can hold and
 how many messages a second it can take.

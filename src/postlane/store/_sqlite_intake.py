@@ -129,6 +129,7 @@ def insert(conn: Connection, batch: Sequence[NewMessage]) -> None:
 
 
 def _insert_all(cursor: sqlite3.Cursor, batch: Sequence[NewMessage]) -> None:
+    received = [when(m.received_at) for m in batch]
     cursor.executemany(
         _MESSAGES,
         [
@@ -145,20 +146,19 @@ def _insert_all(cursor: sqlite3.Cursor, batch: Sequence[NewMessage]) -> None:
                 json.dumps(m.options),
                 m.client_ip,
                 m.tls,
-                when(m.received_at),
+                created,
                 m.dedupe_key,
             )
-            for m in batch
+            for m, created in zip(batch, received, strict=True)
         ],
     )
     event_rows: list[tuple[Any, ...]] = [
-        (m.account_id, m.id, None, m.event_type, when(m.received_at), json.dumps(m.event_data))
-        for m in batch
+        (m.account_id, m.id, None, m.event_type, created, json.dumps(m.event_data))
+        for m, created in zip(batch, received, strict=True)
     ]
     rows: list[tuple[Any, ...]] = []
     queued: list[tuple[Any, ...]] = []  # the queued events, waiting for their recipient ids
-    for m in batch:
-        created = when(m.received_at)
+    for m, created in zip(batch, received, strict=True):
         for r in m.recipients:
             start = when(r.next_attempt_at)
             rows.append(

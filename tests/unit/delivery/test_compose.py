@@ -263,7 +263,8 @@ def test_attachment_policy_zip_with_password_then_signed() -> None:
         assert info.flag_bits & 0x1  # encrypted
 
 
-def test_steps_run_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> None:
+def record_steps(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
+    """Wrap compose's steps ``names``; the list they append their names to, as they run."""
     calls: list[str] = []
 
     def step(name: str, real: Callable[..., bytes]) -> Callable[..., bytes]:
@@ -273,14 +274,20 @@ def test_steps_run_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> N
 
         return wrapper
 
-    for name in (
+    for name in names:
+        monkeypatch.setattr(compose_module, name, step(name, getattr(compose_module, name)))
+    return calls
+
+
+def test_steps_run_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = record_steps(
+        monkeypatch,
         "apply_content_options",
         "substitute_recipient_variables",
         "view_for",
         "apply_attachment_policy",
         "sign",
-    ):
-        monkeypatch.setattr(compose_module, name, step(name, getattr(compose_module, name)))
+    )
     compose(
         PLAIN,
         recipient="ann@example.test",

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import email.policy
-from collections.abc import Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
 
 import pytest
 
-from postlane.delivery import compose as compose_module
 from postlane.delivery.compose import compose
 from postlane.errors import InvalidInput
 from postlane.options import from_headers
 from postlane.options.model import SendOptions
 from postlane.store.templates import Template
 
-from .test_compose import ED, RSA, account, parsed, verifies
+from .test_compose import ED, RSA, account, parsed, record_steps, verifies
 
 STORED = (
     b"From: Shop <news@shop.example>\r\n"
@@ -256,16 +254,8 @@ def test_a_template_given_without_being_asked_for_is_not_used() -> None:
 
 
 def test_template_is_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-
-    def step(name: str, real: Callable[..., bytes]) -> Callable[..., bytes]:
-        def wrapper(*args: Any, **kwargs: Any) -> bytes:
-            calls.append(name)
-            return real(*args, **kwargs)
-
-        return wrapper
-
-    for name in ("apply_template", "apply_content_options", "substitute_recipient_variables"):
-        monkeypatch.setattr(compose_module, name, step(name, getattr(compose_module, name)))
+    calls = record_steps(
+        monkeypatch, "apply_template", "apply_content_options", "substitute_recipient_variables"
+    )
     make(stored_template=template(text="x"))
     assert calls == ["apply_template", "apply_content_options", "substitute_recipient_variables"]

@@ -191,6 +191,23 @@ def test_messages_in_flight_fail_when_the_commit_process_goes_away_and_the_next_
     assert message_ids(db) == [later.id]
 
 
+@pytest.mark.parametrize("answer", [("not", "an answer"), (1, None, None, None, None)])
+def test_an_answer_of_the_wrong_shape_fails_the_commit(sock: Path, answer: tuple[Any, ...]) -> None:
+    from postlane.intake.commit_wire import encode
+
+    async def confused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(encode(answer))  # sequence 1 is the first request's
+
+    async def scenario() -> None:
+        server = await asyncio.start_unix_server(confused, str(sock))
+        async with server, client(sock) as committer:
+            await committer.commit(new_message(1))
+
+    with pytest.raises(CommitFailed, match=r"unreadable answer|answer without a queue id"):
+        run(scenario)
+
+
 def test_close_waits_for_the_answers_in_flight_and_then_refuses(
     db: Database, account: Account, sock: Path
 ) -> None:
