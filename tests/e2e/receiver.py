@@ -5,7 +5,7 @@ It speaks just enough ESMTP for Postlane's outbound client: EHLO/HELO,
 STARTTLS (when given a certificate), MAIL, RCPT, DATA, RSET, NOOP, QUIT, with
 pipelined commands read in order. Every accepted message is written to the
 directory as ``NNNNNN.eml`` (the exact bytes, dot-unstuffed) and then
-``NNNNNN.json`` (envelope, TLS, time, sequence number); a test reads the
+``NNNNNN.json`` (envelope, TLS, connection number, time, sequence number); a test reads the
 JSON files, which appear only once the message file is complete. Every RCPT
 is appended to ``rcpt.log`` as ``<address> <reply code>``.
 
@@ -40,6 +40,7 @@ class Receiver:
         self.directory = directory
         self.context = context
         self.seq = 0
+        self.connections = 0  # numbers each session, so a test can tell copies' connections apart
         self.attempts: dict[str, int] = {}
 
     def rules(self, key: str) -> dict[str, Any]:
@@ -64,7 +65,9 @@ class Receiver:
         domains = (r.rpartition("@")[2].lower() for r in rcpts)
         return max((float(delays.get(d, 0)) for d in domains), default=0.0)
 
-    def store(self, mail_from: str, rcpts: list[str], data: bytes, tls: bool) -> int:
+    def store(
+        self, mail_from: str, rcpts: list[str], data: bytes, tls: bool, connection: int
+    ) -> int:
         self.seq += 1
         stem = self.directory / f"{self.seq:06d}"
         stem.with_suffix(".eml").write_bytes(data)
@@ -73,6 +76,7 @@ class Receiver:
             "mail_from": mail_from,
             "rcpts": rcpts,
             "tls": tls,
+            "connection": connection,
             "at": time.time(),
         }
         tmp = stem.with_suffix(".tmp")
@@ -85,6 +89,8 @@ class Receiver:
             log.write(f"{address} {reply[:3]}\n")
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        connection = self.connections
         tls = False
         mail_from: str | None = None
         rcpts: list[str] = []
@@ -150,7 +156,7 @@ class Receiver:
                     pause = self.delay(rcpts)
                     if pause:
                         await asyncio.sleep(pause)
-                    seq = self.store(mail_from, rcpts, b"".join(chunks), tls)
+                    seq = self.store(mail_from, rcpts, b"".join(chunks), tls, connection)
                     mail_from, rcpts = None, []
                     await say(f"250 2.0.0 Ok: queued as R{seq}")
                 elif verb == "RSET":

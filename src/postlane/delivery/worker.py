@@ -875,12 +875,12 @@ class DeliveryWorker:
                 connected = host
                 connected.used += len(jobs)
                 try:
-                    # Each outcome is recorded as soon as its reply is in, not
-                    # after the whole connection: a worker killed mid-batch
-                    # then resends at most the copies still in flight.
-                    results = await asyncio.gather(
-                        *(self._send_and_record(connected, job) for job in jobs)
-                    )
+                    # One copy at a time, its outcome recorded before the next
+                    # is sent: a worker killed mid-batch then resends at most
+                    # the one copy each connection had in flight (the receiver
+                    # may have accepted it just as we died), never one whose
+                    # 250 was in but not yet written.
+                    results = [await self._send_and_record(connected, job) for job in jobs]
                 finally:
                     self._checkin(target.connection_key(tls), connected, shaped.per_connection)
             # Decided before the connection slot is given up, so a connection
@@ -1279,9 +1279,9 @@ class DeliveryWorker:
         written share the next transaction (group commit, as at intake):
         measured under bench/relay, one transaction and fsync per delivered
         recipient was the delivery role's largest cost and starved intake of
-        SQLite's single write lock. Each outcome is still written within one
-        commit cycle of its reply, so a killed worker resends at most what was
-        in flight. Deliveries (most outcomes) are written together by
+        SQLite's single write lock. A connection waits for its copy's outcome
+        before sending the next (:meth:`_deliver_chunk`), so a killed worker
+        resends at most one copy per connection. Deliveries (most outcomes) are written together by
         :func:`~postlane.store.queue.mark_delivered_many`, the rest one by one.
         """
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

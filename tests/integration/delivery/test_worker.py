@@ -86,6 +86,7 @@ class Receiver:
     resets: int = 0
     server: asyncio.Server | None = None
     greeting_delay: float = 0.0  # seconds before the 220 banner (a slow server)
+    on_message: Callable[[Delivered], None] | None = None  # called as each message arrives
     transports: list[asyncio.Transport] = field(default_factory=list)
 
     async def start(self) -> int:
@@ -154,9 +155,12 @@ class _ReceiverSession(asyncio.Protocol):
             elif isinstance(event, p.Rcpt):
                 self.conn.answer(self.owner.replies.get(event.address))
             elif isinstance(event, p.MessageReceived):
-                self.owner.messages.append(
-                    Delivered(event.mail_from, event.recipients, event.data, self.conn.tls_active)
+                delivered = Delivered(
+                    event.mail_from, event.recipients, event.data, self.conn.tls_active
                 )
+                if self.owner.on_message is not None:
+                    self.owner.on_message(delivered)
+                self.owner.messages.append(delivered)
                 self.conn.answer_message(QUEUED)
             elif isinstance(event, p.AuthAttempt):
                 good = (event.username, event.password) == self.owner.credentials
@@ -421,6 +425,33 @@ def test_replies_decide_each_recipient(env: Env) -> None:
     assert failed[rows["policy@example.test"].id]["kind"] == "policy"
     assert failed[rows["content@example.test"].id]["kind"] == "content"
     assert [m.recipients for m in receiver.messages] == [("ok@example.test",)]
+
+
+def test_a_connection_sends_its_next_copy_only_after_recording_the_last(env: Env) -> None:
+    """A worker killed mid-connection must resend at most the copy in flight.
+
+    So when the receiver takes a copy, every copy it took before on that
+    connection is already recorded as delivered: none is waiting for its
+    outcome write while the next one goes out.
+    """
+    addresses = [f"r{i}@example.test" for i in range(8)]
+    message_id = env.message(*addresses)
+    unrecorded: list[tuple[str, list[str]]] = []
+
+    def check(copy: Delivered) -> None:
+        earlier = [m.recipients[0] for m in receiver.messages]
+        statuses = env.recipients(message_id)
+        late = [a for a in earlier if statuses[a].status != "delivered"]
+        if late:
+            unrecorded.append((copy.recipients[0], late))
+
+    receiver = Receiver(on_message=check)
+    run(deliver(env, receiver))
+
+    assert receiver.sessions == 1
+    assert sorted(m.recipients[0] for m in receiver.messages) == sorted(addresses)
+    assert unrecorded == []
+    assert {r.status for r in env.recipients(message_id).values()} == {"delivered"}
 
 
 def test_null_mx_fails_and_servfail_defers(env: Env) -> None:
