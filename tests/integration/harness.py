@@ -70,6 +70,9 @@ class ServerConfig:
     smtp_processes: int = 1
     #: ``[smtp] commit_process``: commits in a process of their own, or in a thread of intake.
     commit_process: bool = True
+    #: ``[smtp] command_timeout`` and ``data_timeout``, seconds.
+    command_timeout: float = 300
+    data_timeout: float = 600
     #: Called with the server before it starts, to create the module's own tenants.
     prepare: Callable[[PostlaneServer], None] | None = None
     #: ``serve --role`` values: intake only unless a module delivers (to loopback DNS).
@@ -99,6 +102,8 @@ log_level = "info"
 max_message_size = {config.max_message_size}
 processes = {config.smtp_processes}
 commit_process = {str(config.commit_process).lower()}
+command_timeout = {config.command_timeout}
+data_timeout = {config.data_timeout}
 
 [auth]
 max_failures = {config.max_failures}
