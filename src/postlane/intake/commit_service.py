@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from postlane.errors import ConfigError, InvalidInput
-from postlane.intake.commit_wire import FrameReader, encode
+from postlane.intake.commit_wire import FrameReader, encode, message_from_fields
 from postlane.intake.committer import CommitResult, write_batch
 from postlane.store import Database
 from postlane.store.intake import NewMessage
@@ -187,14 +187,9 @@ class _Peer(asyncio.Protocol):
 
 
 def _request(item: Any) -> tuple[int, NewMessage]:
-    if (
-        not isinstance(item, tuple)
-        or len(item) != 2
-        or not isinstance(item[0], int)
-        or not isinstance(item[1], NewMessage)
-    ):
-        raise InvalidInput(f"commit request is not (sequence, NewMessage): {type(item).__name__}")
-    return item[0], item[1]
+    if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], int):
+        raise InvalidInput(f"commit request is not (sequence, message): {type(item).__name__}")
+    return item[0], message_from_fields(item[1])
 
 
 def _peer_uid(sock: socket.socket) -> int | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from postlane.errors import CommitFailed
-from postlane.intake.commit_wire import FrameReader, encode
+from postlane.intake.commit_wire import FrameReader, encode, message_fields
 from postlane.intake.committer import CommitResult, record_metrics
 from postlane.store.intake import NewMessage
 
@@ -101,7 +101,7 @@ class _Client(asyncio.Protocol):
             raise CommitFailed("the connection to the commit process is closed")
         future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
         self._waiting[sequence] = future
-        transport.write(encode((sequence, message)))
+        transport.write(encode((sequence, message_fields(message))))
         return await future
 
     def data_received(self, data: bytes) -> None:

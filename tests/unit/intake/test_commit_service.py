@@ -254,6 +254,10 @@ def test_a_request_of_the_wrong_shape_drops_the_connection(db: Database, sock: P
             writer.write(encode(("not", "a request")))
             closed = await reader.read()
             writer.close()
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(encode((1, ("not", "a message"))))
+            closed += await reader.read()
+            writer.close()
             return closed
 
     assert run(scenario) == b""
