@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 
 import pytest
@@ -54,3 +55,43 @@ def test_periodic_flush_writes_held_lines_and_flushes_when_cancelled(
     first, second = asyncio.run(scenario())
     assert "first" in first
     assert "second" in second
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_a_batch_is_flushed_to_the_stream_once(restore_root: object) -> None:
+    stream = CountingStream()
+    buffer = logs.configure("info", stream)
+    log = logging.getLogger("postlane.test")
+    for n in range(5):
+        log.info("line %d", n)
+    assert stream.getvalue() == "" and stream.flushes == 0
+    buffer.flush()
+    assert stream.getvalue().count("postlane.test line") == 5
+    assert stream.flushes == 1
+    log.error("at once")
+    assert stream.getvalue().endswith("ERROR postlane.test at once\n")
+    assert stream.flushes == 2
+
+
+def test_records_carry_no_caller_or_thread_lookups(restore_root: object) -> None:
+    logs.configure("info", CountingStream())
+    seen: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logging.getLogger().addHandler(Capture())
+    logging.getLogger("postlane.test").info("x")
+    (record,) = seen
+    assert (record.funcName, record.lineno) == ("(unknown function)", 0)
+    assert record.threadName is None and record.processName is None
