@@ -250,3 +250,12 @@ def test_removal_keeps_the_rest_byte_exact(data: bytes, letter: str) -> None:
     kept = b"".join(f.raw for f in section.fields if not remove(f.name))
     header_length = sum(len(f.raw) for f in section.fields)
     assert result == b"Received: r\r\n" + kept + data[header_length:]
+
+
+def test_format_date_of_the_same_second_is_reused_only_for_the_same_zone_and_second() -> None:
+    paris = timezone(timedelta(hours=1))
+    assert format_date(WHEN) == "Mon, 24 Nov 2025 10:30:00 +0000"
+    assert format_date(WHEN + timedelta(microseconds=999)) == "Mon, 24 Nov 2025 10:30:00 +0000"
+    assert format_date(WHEN.astimezone(paris)) == "Mon, 24 Nov 2025 11:30:00 +0100"
+    assert format_date(WHEN + timedelta(seconds=1)) == "Mon, 24 Nov 2025 10:30:01 +0000"
+    assert format_date(WHEN) == "Mon, 24 Nov 2025 10:30:00 +0000"
