@@ -19,14 +19,22 @@ One :class:`DeliveryWorker` per process (the ``delivery`` role). Its loop:
    the domain's route once; take **one connection** (per TLS policy) — an
    idle one kept from an earlier batch to the same hosts when it still
    answers RSET (:mod:`~postlane.delivery.connection_cache`,
-   ``delivery.connection_cache_seconds``), else a new one — and send every
-   copy over it, pipelined; record each outcome.
+   ``delivery.connection_cache_seconds``), else a new one — and send the
+   copies over it one after another, the group spread over several
+   connections (see *Traffic shaping*); record each outcome.
+
+A copy the receiver accepted is written to the worker's journal
+(:mod:`~postlane.delivery.outcome_journal`, a local file) before the next
+copy goes out on that connection, and its database row follows in the
+background. A worker killed mid-batch therefore resends at most the one copy
+each connection was sending; the sweep records a dead worker's journal
+before it reclaims that worker's rows.
 
 While rows are in flight their leases are renewed every third of
 ``lease_seconds``, so a slow receiver never lets another worker's sweep
 take a row that is still being sent.
 
-Outcomes, each in its own short transaction fenced on the lease (see
+Outcomes, written in shared transactions fenced on the lease (see
 :mod:`postlane.store.queue`): 2xx delivered; 4xx, a lost connection or no
 reachable host deferred with backoff (at least a minute, never past the
 expiry, which turns it into ``expired``); 5xx failed, and the address
@@ -47,8 +55,12 @@ destination is its MX provider when a rule matches the route's MX hosts
 rate slots as the destination's token bucket grants now; the rows beyond that
 are deferred locally to the slots to come (``4.7.0 local rate limit for
 gmail: next slot in 12 s``) instead of waiting with their leases. The
-granted rows go out ``messages_per_connection`` per connection, at most
-``max_connections`` connections to the destination at once (waited for
+granted rows are spread over connections: one more for every
+``SPREAD_FROM`` rows, up to the destination's ``max_connections``, and never
+more than ``messages_per_connection`` on one (a connection waits for each
+copy's outcome to be recorded before the next, so parallel connections are
+what keeps a destination busy). At most ``max_connections`` connections to
+the destination are open at once (waited for
 before a global ``concurrency`` slot is taken, so a busy destination never
 holds global slots idle). When a reply says the receiver throttles us, the
 shaper halves the destination's rate and the group's rows not yet sent are
@@ -110,7 +122,7 @@ from sqlalchemy.engine import Connection
 
 from postlane.config import Settings, SmarthostSettings, TransportSettings
 from postlane.crypto import SecretBox, derive_key
-from postlane.delivery import list_filter, verp
+from postlane.delivery import list_filter, outcome_journal, verp
 from postlane.delivery.backoff import next_attempt, parse_retry_hint
 from postlane.delivery.bounce_class import BounceKind, classify
 from postlane.delivery.client import (
@@ -130,7 +142,7 @@ from postlane.delivery.resolver import Resolver, to_ascii
 from postlane.delivery.routing import DnsFailure, NullMx, Route
 from postlane.delivery.sasl import Credentials
 from postlane.delivery.shaping import Shaper, load_rules
-from postlane.errors import InvalidInput, NotFound, PostlaneError
+from postlane.errors import InvalidInput, NotFound, PostlaneError, StoreError
 from postlane.options.model import SendOptions
 from postlane.render.dkim import DkimKey
 from postlane.store import Database, queue
@@ -153,6 +165,7 @@ VERP_KEY_PURPOSE: Final = "postlane/verp/v1"
 SWEEP_INTERVAL: Final = 30.0  # seconds between reclaim/expire sweeps
 SWEEP_LIMIT: Final = 1000  # rows expired per sweep transaction (keeps SQLite writers moving)
 STOP_GRACE: Final = 30.0  # seconds stop() lets in-flight groups finish
+SPREAD_FROM: Final = 10  # rows of a group that earn it one more connection (see _deliver)
 GATHER_SECONDS: Final = 0.1  # wait after a lease that drained the due rows (see _run)
 _COUNT_CACHE: Final = 1024  # messages whose recipient count and duplicates are remembered
 _OPTIONS_CACHE: Final = 256  # distinct stored options kept parsed
@@ -348,6 +361,9 @@ class DeliveryWorker:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self.owner = _owner_id()
+        self._journal = outcome_journal.OutcomeJournal(
+            settings.data_dir / "delivery-journal", self.owner
+        )
         self._connections = asyncio.Semaphore(self._settings.concurrency)
         self._shaper = shaper or Shaper(load_rules(self._settings.shaping_rules))
         self._mta_sts: MtaStsCache | None = None
@@ -402,6 +418,7 @@ class DeliveryWorker:
             await asyncio.gather(self._renew_task, return_exceptions=True)
             self._renew_task = None
         await self.close_idle()
+        self._journal.close()
         log.info("delivery worker %s stopped", self.owner)
 
     async def close_idle(self) -> None:
@@ -536,7 +553,12 @@ class DeliveryWorker:
             await self._sweep()
 
     async def _sweep(self) -> None:
-        """Reclaim rows of dead workers and expire overdue waiting rows, in small transactions."""
+        """Reclaim rows of dead workers and expire overdue waiting rows, in small transactions.
+
+        Deliveries a dead worker wrote to its journal but not to the database
+        are recorded first, while its leases still hold them.
+        """
+        await self._record_orphans()
         now = self._clock()
         reclaimed = await self._write(lambda conn: queue.reclaim_expired_leases(conn, now=now))
         expired = SWEEP_LIMIT
@@ -548,6 +570,27 @@ class DeliveryWorker:
             total += expired
         if reclaimed or total:
             log.info("sweep: %d leases reclaimed, %d recipients expired", reclaimed, total)
+
+    async def _record_orphans(self) -> None:
+        for orphan in outcome_journal.orphans(self._journal.directory):
+            deliveries = [
+                queue.Delivery(d.id, {**d.data, "recovered": "journal"}, d.reply)
+                for d in orphan.deliveries
+            ]
+            try:
+                written = await self._write(_delivering(deliveries, orphan.owner, self._clock()))
+            except Exception:  # the database may be down a moment: the next sweep retries
+                log.exception("cannot record the journal of stopped worker %s", orphan.owner)
+                orphan.keep()
+                continue
+            orphan.done()
+            log.log(
+                logging.WARNING if any(written) else logging.INFO,
+                "stopped worker %s: %d deliveries recorded from its journal (%d were already)",
+                orphan.owner,
+                sum(written),
+                len(written) - sum(written),
+            )
 
     # -- one domain ---------------------------------------------------------------------------
 
@@ -840,12 +883,10 @@ class DeliveryWorker:
         granted = self._shaper.take(shaped.dest, len(jobs))
         if granted < len(jobs):
             await self._defer_locally(jobs[granted:], shaped.dest, "")
-        per_connection = shaped.per_connection
         sending = jobs[:granted]
-        chunks = [
-            sending[start : start + per_connection]
-            for start in range(0, len(sending), per_connection)
-        ]
+        spread = -(-len(sending) // self._shaper.rule(dest).max_connections)
+        size = min(shaped.per_connection, max(SPREAD_FROM, spread))
+        chunks = [sending[start : start + size] for start in range(0, len(sending), size)]
         policy = target.tls_for(tls)
         await asyncio.gather(
             *(self._deliver_chunk(target, policy, chunk, shaped) for chunk in chunks)
@@ -875,12 +916,7 @@ class DeliveryWorker:
                 connected = host
                 connected.used += len(jobs)
                 try:
-                    # One copy at a time, its outcome recorded before the next
-                    # is sent: a worker killed mid-batch then resends at most
-                    # the one copy each connection had in flight (the receiver
-                    # may have accepted it just as we died), never one whose
-                    # 250 was in but not yet written.
-                    results = [await self._send_and_record(connected, job) for job in jobs]
+                    results = await self._send_all(connected, jobs)
                 finally:
                     self._checkin(target.connection_key(tls), connected, shaped.per_connection)
             # Decided before the connection slot is given up, so a connection
@@ -944,12 +980,57 @@ class DeliveryWorker:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _send_and_record(self, host: _Host, job: _Job) -> TransactionResult | BaseException:
-        result: TransactionResult | BaseException
+    async def _send_all(
+        self, host: _Host, jobs: list[_Job]
+    ) -> list[TransactionResult | BaseException]:
+        """Send ``jobs`` one after another over ``host``; outcomes are recorded in the background.
+
+        A copy the receiver accepted is written to the journal
+        (:mod:`~postlane.delivery.outcome_journal`) before the next copy goes
+        out, so a worker killed mid-batch resends at most the one copy each
+        connection had in flight (the receiver may have taken it just as we
+        died). Should the journal fail, the database row is waited for instead.
+        """
+        results: list[TransactionResult | BaseException] = []
+        recording: list[asyncio.Future[None]] = []
+        for job in jobs:
+            result: TransactionResult | BaseException
+            try:
+                result = await self._send(host, job)
+            except Exception as exc:  # the outcome path turns it into a deferral or failure
+                result = exc
+            results.append(result)
+            journaled, token = self._journal_delivery(job, host, result)
+            task = asyncio.ensure_future(self._record_outcome(job, host, result, token))
+            recording.append(task)
+            if not journaled:
+                await asyncio.wait([task])
+        await asyncio.gather(*recording)
+        return results
+
+    def _journal_delivery(
+        self, job: _Job, host: _Host, result: TransactionResult | BaseException
+    ) -> tuple[bool, int | None]:
+        """(whether the next copy may go out now, the journal token of this one)."""
+        if not isinstance(result, TransactionResult):
+            return True, None
+        reply = result.outcome(job.row.address)
+        if reply.code >= 400:
+            return True, None  # sent again it is refused again: nothing to guard
         try:
-            result = await self._send(host, job)
-        except Exception as exc:  # the outcome path turns it into a deferral or failure
-            result = exc
+            token = self._journal.append(queue.Delivery(job.row.id, dict(host.details), str(reply)))
+        except StoreError:
+            log.exception("recipient %d: the delivery journal failed", job.row.id)
+            return False, None
+        return True, token
+
+    async def _record_outcome(
+        self,
+        job: _Job,
+        host: _Host,
+        result: TransactionResult | BaseException,
+        token: int | None,
+    ) -> None:
         try:
             await self._outcome(job, host, result)
         except Exception as exc:  # a bug here must not leave the others unrecorded
@@ -958,7 +1039,9 @@ class DeliveryWorker:
                 # never resend something accepted remotely because of our own error
                 with contextlib.suppress(Exception):
                     await self._defer(job.row, f"internal error recording the outcome: {exc}", {})
-        return result
+            return  # a journaled delivery stays in the journal for a later sweep
+        if token is not None:
+            self._journal.recorded(token)
 
     def _adapt(
         self,
@@ -1435,6 +1518,15 @@ def _list_returned(conn: Connection, row: queue.Leased, reply: str, now: datetim
 def _throttled(reply: Reply) -> bool:
     """Whether a refusal says the receiver wants us to slow down (421, 4.7.x rate limits)."""
     return classify(reply.code, reply.enhanced, reply.text).kind == BounceKind.THROTTLED
+
+
+def _delivering(
+    deliveries: list[queue.Delivery], owner: str, now: datetime
+) -> Callable[[Connection], list[bool]]:
+    def deliver(conn: Connection) -> list[bool]:
+        return queue.mark_delivered_many(conn, deliveries, owner=owner, now=now)
+
+    return deliver
 
 
 def _renewing(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.policy
+import json
 import ssl
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -38,6 +39,7 @@ from postlane import crypto
 from postlane.config import Settings
 from postlane.delivery import verp
 from postlane.delivery.mta_sts import MtaStsCache
+from postlane.delivery.outcome_journal import OutcomeJournal
 from postlane.delivery.resolver import Resolver
 from postlane.delivery.shaping import Shaper, load_rules
 from postlane.delivery.worker import VERP_KEY_PURPOSE, DeliveryWorker
@@ -427,12 +429,21 @@ def test_replies_decide_each_recipient(env: Env) -> None:
     assert [m.recipients for m in receiver.messages] == [("ok@example.test",)]
 
 
-def test_a_connection_sends_its_next_copy_only_after_recording_the_last(env: Env) -> None:
+def journaled_ids(env: Env) -> set[int]:
+    """Recipient ids in the delivery journal files of the data directory."""
+    ids = set()
+    for path in (env.tmp_path / "delivery-journal").glob("*.journal"):
+        for line in path.read_text().splitlines()[1:]:
+            ids.add(json.loads(line)["id"])
+    return ids
+
+
+def test_a_connection_sends_its_next_copy_only_once_the_last_is_written_down(env: Env) -> None:
     """A worker killed mid-connection must resend at most the copy in flight.
 
     So when the receiver takes a copy, every copy it took before on that
-    connection is already recorded as delivered: none is waiting for its
-    outcome write while the next one goes out.
+    connection is recorded as delivered, or at least in the worker's journal
+    (which a sweep records after a crash): none is only in memory.
     """
     addresses = [f"r{i}@example.test" for i in range(8)]
     message_id = env.message(*addresses)
@@ -440,8 +451,9 @@ def test_a_connection_sends_its_next_copy_only_after_recording_the_last(env: Env
 
     def check(copy: Delivered) -> None:
         earlier = [m.recipients[0] for m in receiver.messages]
-        statuses = env.recipients(message_id)
-        late = [a for a in earlier if statuses[a].status != "delivered"]
+        rows = env.recipients(message_id)
+        journaled = journaled_ids(env)
+        late = [a for a in earlier if rows[a].status != "delivered" and rows[a].id not in journaled]
         if late:
             unrecorded.append((copy.recipients[0], late))
 
@@ -701,6 +713,40 @@ def test_lost_lease_changes_nothing(env: Env) -> None:
     receiver = Receiver()
     assert run(deliver(env, receiver)) == [0]  # leased by someone else: nothing to do
     assert env.recipients(message_id)["ann@example.test"].status == "sending"
+
+
+def test_a_dead_workers_journal_is_recorded_before_its_leases_are_reclaimed(env: Env) -> None:
+    """Its journaled copy is recorded as delivered, not resent; the rest go out again."""
+    long_ago = datetime.now(UTC) - timedelta(minutes=10)
+    message_id = env.message("ann@example.test", "bob@example.test", received_at=long_ago)
+    with env.db.begin() as conn:
+        leased = queue.lease_due(
+            conn,
+            owner="dead:1:x",
+            now=long_ago,
+            limit=10,
+            lease_for=timedelta(seconds=60),  # long run out
+            dialect=env.db.dialect_name,
+        )
+    ids = {row.address: row.id for row in leased}
+    # It died after ann's 250, with the delivery written down but not in the database.
+    dead = OutcomeJournal(env.tmp_path / "delivery-journal", "dead:1:x")
+    dead.append(queue.Delivery(ids["ann@example.test"], {"mx": MX_NAME}, "250 2.0.0 Ok: Q1"))
+    dead.close()  # its lock is gone, as with a killed process
+
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    assert [m.recipients for m in receiver.messages] == [("bob@example.test",)]
+    rows = env.recipients(message_id)
+    assert rows["ann@example.test"].status == "delivered"
+    assert rows["ann@example.test"].last_reply == "250 2.0.0 Ok: Q1"
+    assert rows["bob@example.test"].status == "delivered"
+    (event,) = [
+        e for e in env.events(message_id, "delivered") if e.recipient_id == ids["ann@example.test"]
+    ]
+    assert event.data["recovered"] == "journal"
+    assert journaled_ids(env) <= {ids["bob@example.test"]}  # the dead worker's file is gone
 
 
 # -- traffic shaping -------------------------------------------------------------------------------
