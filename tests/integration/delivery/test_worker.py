@@ -1185,6 +1185,34 @@ def test_messages_per_connection_counts_across_batches(env: Env) -> None:
     assert receiver.sessions == 2  # a and b on the first connection, c on a new one
 
 
+@pytest.mark.parametrize(
+    ("rows", "max_connections", "per_connection", "sessions"),
+    [
+        (25, 3, 100, 3),  # one more connection per 10 rows
+        (40, 2, 100, 2),  # but never more than max_connections
+        (25, 5, 100, 3),
+        (9, 5, 100, 1),  # a small group keeps to one connection
+        (30, 1, 10, 3),  # and messages_per_connection still caps each
+    ],
+)
+def test_a_group_is_spread_over_its_destinations_connections(
+    env: Env, rows: int, max_connections: int, per_connection: int, sessions: int
+) -> None:
+    rules = env.tmp_path / "spread.toml"
+    rules.write_text(
+        "[default]\nmax_connections = 1\nmessages_per_connection = 100\n"
+        "messages_per_minute = 100000\n\n"
+        f'[[rule]]\nname = "testmx"\nmx = ["*.test.example"]\n'
+        f"max_connections = {max_connections}\nmessages_per_connection = {per_connection}\n"
+    )
+    message_id = env.message(*(f"r{n}@example.test" for n in range(rows)))
+    receiver = Receiver()
+    run(deliver(env, receiver, shaping_rules=rules, concurrency=10, connection_cache_seconds=0))
+    assert len(receiver.messages) == rows
+    assert receiver.sessions == sessions
+    assert {r.status for r in env.recipients(message_id).values()} == {"delivered"}
+
+
 # -- AUTH at a relay ---------------------------------------------------------------------------
 
 RELAY_USER, RELAY_PASSWORD = "postlane@relay.test", "correct horse battery"
