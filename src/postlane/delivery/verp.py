@@ -18,7 +18,8 @@ makes an address Postlane's.
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import functools
 import hmac
 import re
 from typing import Final
@@ -51,8 +52,16 @@ def _base32(number: int) -> str:
 
 def _tag(id_text: str, key: bytes) -> str:
     # The version prefix keeps these MACs apart from any other use of the key.
-    mac = hmac.new(key, b"postlane-verp-v1:" + id_text.encode("ascii"), hashlib.sha256)
-    return _base32(int.from_bytes(mac.digest()[:10], "big")).rjust(_TAG_CHARS, "a")
+    # 10 bytes are exactly 16 base-32 digits, so the C encoder writes the same
+    # text as _base32 padded with "a" (zero digits), in a tenth of the time:
+    # one return path per copy made VERP 5% of the delivery role's time.
+    mac = hmac.digest(key, b"postlane-verp-v1:" + id_text.encode("ascii"), "sha256")
+    return base64.b32encode(mac[:10]).decode("ascii").lower()
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_domain(domain: str) -> str:
+    return domain_name(domain)  # the few bounce domains, checked once each
 
 
 def encode(recipient_id: int, *, key: bytes, domain: str) -> str:
@@ -65,7 +74,7 @@ def encode(recipient_id: int, *, key: bytes, domain: str) -> str:
     if not 0 <= recipient_id <= _MAX_ID:
         raise ValueError(f"recipient id {recipient_id} is outside 0 to 2**64-1")
     id_text = _base32(recipient_id)
-    return f"{_PREFIX}{id_text}-{_tag(id_text, key)}@{domain_name(domain)}"
+    return f"{_PREFIX}{id_text}-{_tag(id_text, key)}@{_checked_domain(domain)}"
 
 
 def decode(address: str, *, key: bytes) -> int | None:

@@ -147,3 +147,19 @@ def test_tags_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
     address = verp.encode(42, key=KEY, domain=DOMAIN)
     assert verp.decode(address, key=KEY) == 42
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("recipient_id", "address"),
+    [
+        (0, "b-a-rajn2bey7lertdbx@bounce.example.com"),
+        (31, "b-7-fmhpiookrvbv35vq@bounce.example.com"),
+        (12345, "b-mbz-4el5e6lynekwbegx@bounce.example.com"),
+        (2**64 - 1, "b-p777777777777-ydi4z3px5zigg6qa@bounce.example.com"),
+    ],
+)
+def test_return_paths_already_sent_stay_valid(recipient_id: int, address: str) -> None:
+    """Known answers: bounces to copies sent by earlier versions must still decode."""
+    key = b"k" * 32
+    assert verp.encode(recipient_id, key=key, domain="bounce.example.com") == address
+    assert verp.decode(address, key=key) == recipient_id
