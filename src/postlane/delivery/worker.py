@@ -57,9 +57,9 @@ are deferred locally to the slots to come (``4.7.0 local rate limit for
 gmail: next slot in 12 s``) instead of waiting with their leases. The
 granted rows are spread over connections: one more for every
 ``SPREAD_FROM`` rows, up to the destination's ``max_connections``, and never
-more than ``messages_per_connection`` on one (a connection waits for each
-copy's outcome to be recorded before the next, so parallel connections are
-what keeps a destination busy). At most ``max_connections`` connections to
+more than ``messages_per_connection`` on one (a connection sends one copy
+at a time, so parallel connections are what keeps a destination busy).
+At most ``max_connections`` connections to
 the destination are open at once (waited for
 before a global ``concurrency`` slot is taken, so a busy destination never
 holds global slots idle). When a reply says the receiver throttles us, the
@@ -1362,10 +1362,10 @@ class DeliveryWorker:
         written share the next transaction (group commit, as at intake):
         measured under bench/relay, one transaction and fsync per delivered
         recipient was the delivery role's largest cost and starved intake of
-        SQLite's single write lock. A connection waits for its copy's outcome
-        before sending the next (:meth:`_deliver_chunk`), so a killed worker
-        resends at most one copy per connection. Deliveries (most outcomes) are written together by
-        :func:`~postlane.store.queue.mark_delivered_many`, the rest one by one.
+        SQLite's single write lock. A connection does not wait for this: a
+        delivery is in the journal before its next copy goes out
+        (:meth:`_send_all`). Deliveries (most outcomes) are written together
+        by :func:`~postlane.store.queue.mark_delivered_many`, the rest one by one.
         """
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._outcomes.append((write, future))
