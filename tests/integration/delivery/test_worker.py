@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.policy
+import functools
 import json
 import ssl
 import uuid
@@ -38,11 +39,12 @@ from dnsserver import DnsServer
 from postlane import crypto
 from postlane.config import Settings
 from postlane.delivery import verp
+from postlane.delivery.compose import compose
 from postlane.delivery.mta_sts import MtaStsCache
 from postlane.delivery.outcome_journal import OutcomeJournal
 from postlane.delivery.resolver import Resolver
 from postlane.delivery.shaping import Shaper, load_rules
-from postlane.delivery.worker import VERP_KEY_PURPOSE, DeliveryWorker
+from postlane.delivery.worker import INLINE_COMPOSE_BYTES, VERP_KEY_PURPOSE, DeliveryWorker
 from postlane.options import SendOptions, from_headers
 from postlane.smtp import protocol as p
 from postlane.store import Database, queue, upgrade
@@ -249,6 +251,7 @@ class Env:
         header_from: str = "news@shop.example",
         received_at: datetime | None = None,
         expires_in: timedelta = timedelta(days=3),
+        body: str = "Hello there.\r\n",
     ) -> str:
         now = received_at or datetime.now(UTC) - timedelta(seconds=5)
         message_id = uuid.uuid4().hex
@@ -256,7 +259,7 @@ class Env:
         raw = (
             f"From: Shop <{header_from}>\r\nTo: {to}\r\nSubject: Hello\r\n"
             f"Date: Mon, 01 Jan 2024 10:00:00 +0000\r\n"
-            f"Message-ID: <{message_id}@shop.example>\r\n\r\nHello there.\r\n"
+            f"Message-ID: <{message_id}@shop.example>\r\n\r\n{body}"
         ).encode()
         batch = NewMessage(
             id=message_id,
@@ -380,6 +383,31 @@ def test_delivers_signed_copy_with_verp_sender(env: Env) -> None:
     assert events[0].data["ip"] == "127.0.0.1"
     assert "tls" in events[0].data and events[0].data["tls"] is None
     assert events[0].data["reply"].startswith("250")
+
+
+@pytest.mark.parametrize(("size", "threaded"), [(1000, False), (INLINE_COMPOSE_BYTES, True)])
+def test_small_copies_compose_on_the_loop_large_ones_in_a_thread(
+    env: Env, monkeypatch: pytest.MonkeyPatch, size: int, threaded: bool
+) -> None:
+    in_thread: list[str] = []
+    real = asyncio.to_thread
+
+    async def spy(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        if isinstance(func, functools.partial) and func.func is compose:
+            in_thread.append(func.keywords["recipient"])
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    body = ("x" * 76 + "\r\n") * (size // 78 + 1)
+    message_id = env.message("ann@example.test", body=body)
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    assert in_thread == (["ann@example.test"] if threaded else [])
+    (received,) = receiver.messages
+    assert body.encode() in received.data
+    assert dkim.verify(received.data, dnsfunc=env.dkim_dns())
+    assert env.recipients(message_id)["ann@example.test"].status == "delivered"
 
 
 def test_replies_decide_each_recipient(env: Env) -> None:
