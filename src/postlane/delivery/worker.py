@@ -1535,9 +1535,9 @@ def _quick_to_compose(loaded: _Loaded) -> bool:
     """Whether a copy of this message is composed on the event loop rather than in a thread.
 
     A thread hop per copy cost CPU and latency: without it bench/relay at
-    ``-s 10`` went from 1.98-2.11 to 1.81-1.91 ms of CPU per message end to
-    end (two runs each; docs/benchmarks.md), at ``-s 100`` it moved nothing
-    beyond the run-to-run spread. A small
+    ``-s 10`` went from 1.98-2.11 to 1.75-1.98 ms of CPU per message end to
+    end (three runs before, four after; docs/benchmarks.md, runs 6 and 7),
+    at ``-s 100`` from 1.61-1.67 to 1.47-1.63. A small
     message with no template and no attachment policy composes in well under
     a millisecond, and :meth:`DeliveryWorker._prepare_all` lets the loop run
     between copies; templates, archives and large messages stay in a thread.
