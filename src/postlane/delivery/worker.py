@@ -28,7 +28,8 @@ A copy the receiver accepted is written to the worker's journal
 copy goes out on that connection, and its database row follows in the
 background. A worker killed mid-batch therefore resends at most the one copy
 each connection was sending; the sweep records a dead worker's journal
-before it reclaims that worker's rows.
+before it reclaims that worker's rows, and writes again this worker's own
+journaled deliveries whose database write failed.
 
 While rows are in flight their leases are renewed every third of
 ``lease_seconds``, so a slow receiver never lets another worker's sweep
@@ -369,6 +370,8 @@ class DeliveryWorker:
         self._journal = outcome_journal.OutcomeJournal(
             settings.data_dir / "delivery-journal", self.owner
         )
+        # Journaled deliveries whose database write failed: the sweep tries again.
+        self._unrecorded: list[tuple[queue.Delivery, int]] = []
         self._connections = asyncio.Semaphore(self._settings.concurrency)
         self._shaper = shaper or Shaper(load_rules(self._settings.shaping_rules))
         self._mta_sts: MtaStsCache | None = None
@@ -564,6 +567,7 @@ class DeliveryWorker:
         are recorded first, while its leases still hold them.
         """
         await self._record_orphans()
+        await self._record_unrecorded()
         now = self._clock()
         reclaimed = await self._write(lambda conn: queue.reclaim_expired_leases(conn, now=now))
         expired = SWEEP_LIMIT
@@ -575,6 +579,27 @@ class DeliveryWorker:
             total += expired
         if reclaimed or total:
             log.info("sweep: %d leases reclaimed, %d recipients expired", reclaimed, total)
+
+    async def _record_unrecorded(self) -> None:
+        """Write this worker's journaled deliveries whose database write failed, if it can now.
+
+        Before the sweep reclaims expired leases: otherwise a copy accepted
+        by its receiver would go out again while this worker lives on.
+        """
+        if not self._unrecorded:
+            return
+        pending, self._unrecorded = self._unrecorded, []
+        try:
+            written = await self._write(
+                _delivering([delivery for delivery, _ in pending], self.owner, self._clock())
+            )
+        except Exception:  # still failing: keep them for the next sweep
+            log.exception("%d deliveries still not recorded", len(pending))
+            self._unrecorded = pending + self._unrecorded
+            return
+        for _, token in pending:
+            self._journal.recorded(token)
+        log.info("recorded %d deliveries whose first write had failed", sum(written))
 
     async def _record_orphans(self) -> None:
         for orphan in outcome_journal.orphans(self._journal.directory):
@@ -1029,11 +1054,15 @@ class DeliveryWorker:
         if reply.code >= 400:
             return True, None  # sent again it is refused again: nothing to guard
         try:
-            token = self._journal.append(queue.Delivery(job.row.id, dict(host.details), str(reply)))
+            token = self._journal.append(self._delivery_of(job, host, result))
         except StoreError:
             log.exception("recipient %d: the delivery journal failed", job.row.id)
             return False, None
         return True, token
+
+    def _delivery_of(self, job: _Job, host: _Host, result: TransactionResult) -> queue.Delivery:
+        """The delivery record of an accepted copy, as :meth:`_reply_outcome` writes it."""
+        return queue.Delivery(job.row.id, dict(host.details), str(result.outcome(job.row.address)))
 
     async def _record_outcome(
         self,
@@ -1050,7 +1079,10 @@ class DeliveryWorker:
                 # never resend something accepted remotely because of our own error
                 with contextlib.suppress(Exception):
                     await self._defer(job.row, f"internal error recording the outcome: {exc}", {})
-            return  # a journaled delivery stays in the journal for a later sweep
+            if token is not None and isinstance(result, TransactionResult):
+                # in the journal: the next sweep writes it (_record_unrecorded)
+                self._unrecorded.append((self._delivery_of(job, host, result), token))
+            return
         if token is not None:
             self._journal.recorded(token)
 

@@ -45,6 +45,7 @@ from postlane.delivery.outcome_journal import OutcomeJournal
 from postlane.delivery.resolver import Resolver
 from postlane.delivery.shaping import Shaper, load_rules
 from postlane.delivery.worker import INLINE_COMPOSE_BYTES, VERP_KEY_PURPOSE, DeliveryWorker
+from postlane.errors import StoreError
 from postlane.options import SendOptions, from_headers
 from postlane.smtp import protocol as p
 from postlane.store import Database, queue, upgrade
@@ -775,6 +776,40 @@ def test_a_dead_workers_journal_is_recorded_before_its_leases_are_reclaimed(env:
     ]
     assert event.data["recovered"] == "journal"
     assert journaled_ids(env) <= {ids["bob@example.test"]}  # the dead worker's file is gone
+
+
+def test_a_delivery_whose_write_failed_is_written_by_the_next_sweep_not_resent(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message_id = env.message("ann@example.test")
+    real = queue.mark_delivered_many
+    failing = True
+
+    def flaky(*args: Any, **kwargs: Any) -> list[bool]:
+        if failing:
+            raise StoreError("database error: disk I/O error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "mark_delivered_many", flaky)
+    receiver = Receiver()
+
+    async def scenario() -> tuple[str, str]:
+        nonlocal failing
+        port = await receiver.start()
+        try:
+            worker = DeliveryWorker(env.settings(port), env.db, MASTER)
+            await worker.run_once()  # sent and accepted; its row cannot be written
+            before = env.recipients(message_id)["ann@example.test"].status
+            failing = False
+            await worker.run_once()  # the sweep writes it; nothing is sent again
+            return before, env.recipients(message_id)["ann@example.test"].status
+        finally:
+            await receiver.stop()
+
+    assert run(scenario()) == ("sending", "delivered")
+    assert len(receiver.messages) == 1
+    (event,) = env.events(message_id, "delivered")
+    assert event.data["reply"].startswith("250")
 
 
 # -- traffic shaping -------------------------------------------------------------------------------
