@@ -172,7 +172,7 @@ def orphans(directory: Path) -> Iterator[Orphan]:
         except BlockingIOError:
             os.close(fd)
             continue
-        if os.fstat(fd).st_nlink == 0:  # removed while we waited for nothing: done already
+        if os.fstat(fd).st_nlink == 0:  # the sweep that held it before us removed it
             os.close(fd)
             continue
         owner, deliveries = _read(path, fd)

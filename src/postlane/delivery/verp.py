@@ -18,8 +18,8 @@ makes an address Postlane's.
 
 from __future__ import annotations
 
-import base64
 import functools
+import hashlib
 import hmac
 import re
 from typing import Final
@@ -52,16 +52,16 @@ def _base32(number: int) -> str:
 
 def _tag(id_text: str, key: bytes) -> str:
     # The version prefix keeps these MACs apart from any other use of the key.
-    # 10 bytes are exactly 16 base-32 digits, so the C encoder writes the same
-    # text as _base32 padded with "a" (zero digits), in a tenth of the time:
-    # one return path per copy made VERP 5% of the delivery role's time.
-    mac = hmac.digest(key, b"postlane-verp-v1:" + id_text.encode("ascii"), "sha256")
-    return base64.b32encode(mac[:10]).decode("ascii").lower()
+    mac = hmac.new(key, b"postlane-verp-v1:" + id_text.encode("ascii"), hashlib.sha256)
+    return _base32(int.from_bytes(mac.digest()[:10], "big")).rjust(_TAG_CHARS, "a")
 
 
 @functools.lru_cache(maxsize=64)
 def _checked_domain(domain: str) -> str:
-    return domain_name(domain)  # the few bounce domains, checked once each
+    # The few bounce domains, checked once each: one return path per copy made
+    # VERP 5% of the delivery role's samples, a sixth of it this check
+    # (encode took 5.5 us, 4.5 us with the cache; timeit, by hand).
+    return domain_name(domain)
 
 
 def encode(recipient_id: int, *, key: bytes, domain: str) -> str:

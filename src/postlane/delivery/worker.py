@@ -59,10 +59,9 @@ gmail: next slot in 12 s``) instead of waiting with their leases. The
 granted rows are spread over connections: one more for every
 ``SPREAD_FROM`` rows, up to the destination's ``max_connections``, and never
 more than ``messages_per_connection`` on one (a connection sends one copy
-at a time, so parallel connections are what keeps a destination busy).
-At most ``max_connections`` connections to
-the destination are open at once (waited for
-before a global ``concurrency`` slot is taken, so a busy destination never
+at a time, so parallel connections are what keeps a destination busy). At
+most ``max_connections`` connections to the destination are open at once
+(waited for before a global ``concurrency`` slot is taken, so a busy destination never
 holds global slots idle). When a reply says the receiver throttles us, the
 shaper halves the destination's rate and the group's rows not yet sent are
 deferred locally; deliveries let the rate recover. A local deferral is our
@@ -167,9 +166,7 @@ VERP_KEY_PURPOSE: Final = "postlane/verp/v1"
 SWEEP_INTERVAL: Final = 30.0  # seconds between reclaim/expire sweeps
 SWEEP_LIMIT: Final = 1000  # rows expired per sweep transaction (keeps SQLite writers moving)
 STOP_GRACE: Final = 30.0  # seconds stop() lets in-flight groups finish
-INLINE_COMPOSE_BYTES: Final = (
-    64 * 1024
-)  # smaller messages compose on the loop (see _quick_to_compose)
+INLINE_COMPOSE_BYTES: Final = 64 * 1024  # at most this, composed on the loop (_quick_to_compose)
 YIELD_EVERY: Final = 0.005  # seconds of composing before the loop runs other work
 SPREAD_FROM: Final = 10  # rows of a group that earn it one more connection (see _deliver)
 GATHER_SECONDS: Final = 0.1  # wait after a lease that drained the due rows (see _run)
@@ -1036,8 +1033,8 @@ class DeliveryWorker:
             except Exception as exc:  # the outcome path turns it into a deferral or failure
                 result = exc
             results.append(result)
-            journaled, token = self._journal_delivery(job, host, result)
-            task = asyncio.ensure_future(self._record_outcome(job, host, result, token))
+            journaled, entry = self._journal_delivery(job, host, result)
+            task = asyncio.ensure_future(self._record_outcome(job, host, result, entry))
             recording.append(task)
             if not journaled:
                 await asyncio.wait([task])
@@ -1046,30 +1043,26 @@ class DeliveryWorker:
 
     def _journal_delivery(
         self, job: _Job, host: _Host, result: TransactionResult | BaseException
-    ) -> tuple[bool, int | None]:
-        """(whether the next copy may go out now, the journal token of this one)."""
+    ) -> tuple[bool, tuple[queue.Delivery, int] | None]:
+        """(whether the next copy may go out now, this copy's delivery and journal token)."""
         if not isinstance(result, TransactionResult):
             return True, None
         reply = result.outcome(job.row.address)
         if reply.code >= 400:
             return True, None  # sent again it is refused again: nothing to guard
+        delivery = queue.Delivery(job.row.id, dict(host.details), str(reply))
         try:
-            token = self._journal.append(self._delivery_of(job, host, result))
+            return True, (delivery, self._journal.append(delivery))
         except StoreError:
             log.exception("recipient %d: the delivery journal failed", job.row.id)
             return False, None
-        return True, token
-
-    def _delivery_of(self, job: _Job, host: _Host, result: TransactionResult) -> queue.Delivery:
-        """The delivery record of an accepted copy, as :meth:`_reply_outcome` writes it."""
-        return queue.Delivery(job.row.id, dict(host.details), str(result.outcome(job.row.address)))
 
     async def _record_outcome(
         self,
         job: _Job,
         host: _Host,
         result: TransactionResult | BaseException,
-        token: int | None,
+        journaled: tuple[queue.Delivery, int] | None,
     ) -> None:
         try:
             await self._outcome(job, host, result)
@@ -1079,12 +1072,11 @@ class DeliveryWorker:
                 # never resend something accepted remotely because of our own error
                 with contextlib.suppress(Exception):
                     await self._defer(job.row, f"internal error recording the outcome: {exc}", {})
-            if token is not None and isinstance(result, TransactionResult):
-                # in the journal: the next sweep writes it (_record_unrecorded)
-                self._unrecorded.append((self._delivery_of(job, host, result), token))
+            if journaled is not None:  # the next sweep writes it (_record_unrecorded)
+                self._unrecorded.append(journaled)
             return
-        if token is not None:
-            self._journal.recorded(token)
+        if journaled is not None:
+            self._journal.recorded(journaled[1])
 
     def _adapt(
         self,
@@ -1568,11 +1560,12 @@ def _quick_to_compose(loaded: _Loaded) -> bool:
 
     A thread hop per copy cost CPU and latency: without it bench/relay at
     ``-s 10`` went from 1.98-2.11 to 1.75-1.98 ms of CPU per message end to
-    end (three runs before, four after; docs/benchmarks.md, runs 6 and 7),
-    at ``-s 100`` from 1.61-1.67 to 1.47-1.63. A small
-    message with no template and no attachment policy composes in well under
-    a millisecond, and :meth:`DeliveryWorker._prepare_all` lets the loop run
-    between copies; templates, archives and large messages stay in a thread.
+    end (three runs before, four after; docs/benchmarks.md, runs 5 to 7),
+    at ``-s 100`` from 1.61-1.67 to 1.47-1.63. A small message with no
+    template and no attachment policy has no slow step (template rendering,
+    zip work), and :meth:`DeliveryWorker._prepare_all` lets the loop run
+    every ``YIELD_EVERY`` seconds of composing; templates, attachment
+    policies and large messages stay in a thread.
     """
     return (
         len(loaded.message.raw) <= INLINE_COMPOSE_BYTES

@@ -468,8 +468,9 @@ class SmtpSession(asyncio.Protocol):
 
         Input only notes its time; the timer, when it fires, looks whether
         anything came since and sleeps again until the new deadline. Moving
-        the timer on every read cost 15% of a session's CPU (measured with
-        py-spy: uvloop cancels and creates a timer handle each time).
+        the timer on every read (uvloop cancels and creates a timer handle
+        each time) cost about 5% of a session's CPU: 215-230 against 204-212
+        us per session in an in-process loop of 10,000 sessions, by hand.
         """
         assert self._loop is not None
         if self._timer is not None:
