@@ -40,14 +40,14 @@ from postlane.errors import InvalidInput
 from postlane.options.model import SendOptions
 from postlane.render.attachments import apply_attachment_policy
 from postlane.render.content import apply_content_options, header_section
-from postlane.render.dkim import DkimKey, sign
+from postlane.render.dkim import DkimKey, Unsigned, prepare
 from postlane.render.personalise import substitute_recipient_variables
 from postlane.render.recipients_view import view_for
 from postlane.render.template_body import apply_template, template_variables
 from postlane.store.accounts import Account
 from postlane.store.templates import Template
 
-__all__ = ["compose"]
+__all__ = ["compose", "compose_unsigned"]
 
 
 def compose(
@@ -73,6 +73,37 @@ def compose(
     does not exist or fails to render, the stored message is malformed, no
     DKIM key): the caller fails this recipient with the message's text.
     """
+    unsigned = compose_unsigned(
+        raw,
+        recipient=recipient,
+        options=options,
+        account=account,
+        dkim_keys=dkim_keys,
+        recipients_in_message=recipients_in_message,
+        template=template,
+        attachment_password=attachment_password,
+        timestamp=timestamp,
+    )
+    return unsigned.finish(unsigned.sign_all())
+
+
+def compose_unsigned(
+    raw: bytes,
+    *,
+    recipient: str,
+    options: SendOptions,
+    account: Account,
+    dkim_keys: Sequence[DkimKey],
+    recipients_in_message: int,
+    template: Template | None = None,
+    attachment_password: str | None = None,
+    timestamp: int | None = None,
+) -> Unsigned:
+    """:func:`compose` up to the private-key operations, which the caller runs where it likes.
+
+    Same arguments and errors as :func:`compose`; its result is
+    ``unsigned.finish(unsigned.sign_all())``.
+    """
     if not dkim_keys:
         raise InvalidInput("no DKIM key to sign with: the sending domain has none")
     message = raw
@@ -90,7 +121,7 @@ def compose(
         archive_name=account.attachment_archive_name,
         password=attachment_password,
     )
-    return sign(message, dkim_keys, timestamp=timestamp)
+    return prepare(message, dkim_keys, timestamp=timestamp)
 
 
 def _to_names_only(message: bytes, recipient: str) -> bool:

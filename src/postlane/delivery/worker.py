@@ -135,7 +135,7 @@ from postlane.delivery.client import (
     connect,
 )
 from postlane.delivery.client_protocol import Reply, TransactionResult
-from postlane.delivery.compose import compose
+from postlane.delivery.compose import compose, compose_unsigned
 from postlane.delivery.connection_cache import ConnectionCache
 from postlane.delivery.list_filter import Filtered
 from postlane.delivery.mta_sts import MtaStsCache, StsResult, enforce
@@ -143,9 +143,10 @@ from postlane.delivery.resolver import Resolver, to_ascii
 from postlane.delivery.routing import DnsFailure, NullMx, Route
 from postlane.delivery.sasl import Credentials
 from postlane.delivery.shaping import Shaper, load_rules
+from postlane.delivery.signer import Signer
 from postlane.errors import InvalidInput, NotFound, PostlaneError, StoreError
 from postlane.options.model import SendOptions
-from postlane.render.dkim import DkimKey
+from postlane.render.dkim import DkimKey, Unsigned
 from postlane.store import Database, queue
 from postlane.store import accounts as account_store
 from postlane.store import archive as archive_store
@@ -170,6 +171,8 @@ INLINE_COMPOSE_BYTES: Final = 64 * 1024  # at most this, composed on the loop (_
 YIELD_EVERY: Final = 0.005  # seconds of composing before the loop runs other work
 SPREAD_FROM: Final = 10  # rows of a group that earn it one more connection (see _deliver)
 GATHER_SECONDS: Final = 0.1  # wait after a lease that drained the due rows (see _run)
+SIGN_BATCH: Final = 16  # copies handed to the signer at a time (see _prepare_all)
+SIGN_THREADS: Final = min(4, os.cpu_count() or 1)  # one per core (delivery/signer.py)
 _COUNT_CACHE: Final = 1024  # messages whose recipient count and duplicates are remembered
 _OPTIONS_CACHE: Final = 256  # distinct stored options kept parsed
 _NO_DOMAIN: Final = "account has no sending domain"
@@ -233,6 +236,16 @@ class _Job:
     require_tls: bool
     smtputf8: bool
     eight_bit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """One leased recipient, rendered up to its DKIM signatures."""
+
+    row: queue.Leased
+    mail_from: str
+    unsigned: Unsigned
+    options: SendOptions
 
 
 @dataclass(slots=True)
@@ -392,6 +405,7 @@ class DeliveryWorker:
             limit=self._settings.concurrency,
         )
         self._closing: set[asyncio.Task[None]] = set()
+        self._signer = Signer(SIGN_THREADS)
 
     # -- the role ---------------------------------------------------------------------------
 
@@ -424,6 +438,7 @@ class DeliveryWorker:
             self._renew_task = None
         await self.close_idle()
         self._journal.close()
+        self._signer.close()
         log.info("delivery worker %s stopped", self.owner)
 
     async def close_idle(self) -> None:
@@ -632,9 +647,15 @@ class DeliveryWorker:
                 await self._deliver(domain, subset, "required" if require_tls else "opportunistic")
 
     async def _prepare_all(self, rows: list[queue.Leased], batch: _Batch) -> list[_Job | None]:
-        """Each row rendered into a job, or its outcome recorded now (None)."""
+        """Each row rendered into a job, or its outcome recorded now (None).
+
+        Copies rendered on the loop are signed by the signer's threads while
+        the loop renders the next ones, SIGN_BATCH at a time.
+        """
         suppressed = await self._suppressed(rows, batch)
-        results: list[_Job | None] = []
+        prepared: list[_Job | _Pending | None] = []
+        waiting: list[_Pending] = []
+        signing: list[tuple[list[_Pending], asyncio.Future[list[bytes]]]] = []
         loop = asyncio.get_running_loop()
         yielded = loop.time()
         for row in rows:
@@ -642,12 +663,45 @@ class DeliveryWorker:
                 await asyncio.sleep(0)
                 yielded = loop.time()
             try:
-                results.append(await self._prepare(row, batch, suppressed))
+                item = await self._prepare(row, batch, suppressed)
             except Exception as exc:  # a bug for one recipient fails that recipient only
                 log.exception("cannot prepare recipient %d", row.id)
                 await self._fail(row, f"internal error preparing the message: {exc}", {})
+                item = None
+            prepared.append(item)
+            if isinstance(item, _Pending):
+                waiting.append(item)
+                if len(waiting) >= SIGN_BATCH:
+                    signing.append((waiting, self._sign(waiting)))
+                    waiting = []
+        if waiting:
+            signing.append((waiting, self._sign(waiting)))
+        signed: dict[int, bytes | BaseException] = {}
+        for pendings, future in signing:
+            try:
+                copies: list[bytes] | BaseException = await future
+            except Exception as exc:  # those recipients are deferred, with the reason
+                copies = exc
+            for index, pending in enumerate(pendings):
+                signed[pending.row.id] = (
+                    copies if isinstance(copies, BaseException) else copies[index]
+                )
+        results: list[_Job | None] = []
+        for item in prepared:
+            if not isinstance(item, _Pending):
+                results.append(item)
+                continue
+            data = signed[item.row.id]
+            if isinstance(data, BaseException):  # nothing sent: try again later
+                log.error("recipient %d: DKIM signing failed: %s", item.row.id, data)
+                await self._defer(item.row, f"DKIM signing failed: {data}", {"stage": "sign"})
                 results.append(None)
+                continue
+            results.append(await self._finish(item.row, item.mail_from, data, item.options))
         return results
+
+    def _sign(self, pendings: list[_Pending]) -> asyncio.Future[list[bytes]]:
+        return asyncio.ensure_future(self._signer.sign([p.unsigned for p in pendings]))
 
     async def _suppressed(self, rows: list[queue.Leased], batch: _Batch) -> dict[int, Filtered]:
         """The rows a list filter keeps from being sent, each with why.
@@ -685,7 +739,7 @@ class DeliveryWorker:
 
     async def _prepare(
         self, row: queue.Leased, batch: _Batch, suppressed: dict[int, Filtered]
-    ) -> _Job | None:
+    ) -> _Job | _Pending | None:
         now = self._clock()
         filtered = suppressed.get(row.id)
         if filtered is not None:
@@ -725,22 +779,30 @@ class DeliveryWorker:
             password = None
             if loaded.account.attachment_password_enc:
                 password = self._box.decrypt(loaded.account.attachment_password_enc).decode()
-            render = functools.partial(
-                compose,
-                loaded.message.raw,
-                recipient=row.address,
-                options=options,
-                account=loaded.account,
-                dkim_keys=identity.keys,
-                recipients_in_message=loaded.recipients,
-                template=loaded.template,
-                attachment_password=password,
-            )
-            data = render() if _quick_to_compose(loaded) else await asyncio.to_thread(render)
             mail_from = verp.encode(row.id, key=self._verp_key, domain=identity.bounce_domain)
+            arguments: dict[str, Any] = {
+                "recipient": row.address,
+                "options": options,
+                "account": loaded.account,
+                "dkim_keys": identity.keys,
+                "recipients_in_message": loaded.recipients,
+                "template": loaded.template,
+                "attachment_password": password,
+            }
+            if _quick_to_compose(loaded):
+                unsigned = compose_unsigned(loaded.message.raw, **arguments)
+                return _Pending(row, mail_from, unsigned, options)
+            render = functools.partial(compose, loaded.message.raw, **arguments)
+            data = await asyncio.to_thread(render)
         except PostlaneError as exc:
             await self._fail(row, str(exc), {"stage": "render"})
             return None
+        return await self._finish(row, mail_from, data, options)
+
+    async def _finish(
+        self, row: queue.Leased, mail_from: str, data: bytes, options: SendOptions
+    ) -> _Job | None:
+        """The job that sends the signed copy ``data``; None when it is not to be sent."""
         if options.archive_copy:  # X-JobOption 128: keep what leaves (store/archive.py)
             await self._record(row, _archiving(row, data, self._clock()))
         if options.test_mode:

@@ -73,11 +73,14 @@ __all__ = [
     "OVERSIGNED_HEADERS",
     "SIGNED_HEADERS",
     "DkimKey",
+    "Unsigned",
     "header_hash_input",
     "parse_message",
+    "prepare",
     "relaxed_body",
     "relaxed_header",
     "sign",
+    "sign_digest",
 ]
 
 #: Header fields signed when present (lower-case), in ``h=`` order. From, the
@@ -307,6 +310,48 @@ def sign(message: bytes, keys: Sequence[DkimKey], *, timestamp: int | None = Non
     Raises ValueError when ``keys`` is empty (an unsigned copy must be a
     decision, not an accident) and InvalidInput for a malformed header block.
     """
+    unsigned = prepare(message, keys, timestamp=timestamp)
+    return unsigned.finish(unsigned.sign_all())
+
+
+@dataclass(frozen=True, slots=True)
+class Unsigned:
+    """A copy canonicalised and hashed, waiting for one signature per key.
+
+    :func:`sign` in two halves. The private-key operation is most of the cost
+    of a signed copy (an RSA-2048 signature takes about 0.26 ms here, the
+    rest of the copy's rendering about 0.08 ms) and it is the one step that
+    runs without Python's lock, so a caller with many copies hands the
+    ``digests`` to other threads in batches and calls :meth:`finish` with
+    what comes back.
+    """
+
+    message: bytes
+    keys: tuple[DkimKey, ...]
+    values: tuple[bytes, ...]
+    digests: tuple[bytes, ...]
+
+    def sign_all(self) -> list[bytes]:
+        """Each key's raw signature over its digest, in ``keys`` order."""
+        return [
+            sign_digest(key.private_key, digest)
+            for key, digest in zip(self.keys, self.digests, strict=True)
+        ]
+
+    def finish(self, signatures: Sequence[bytes]) -> bytes:
+        """The signed message: a DKIM-Signature per key, each with its raw ``signature``."""
+        if len(signatures) != len(self.keys):
+            raise ValueError(f"{len(self.keys)} signatures needed, {len(signatures)} given")
+        out = [
+            _SIG_NAME + b":" + value + _fold_b64(base64.b64encode(raw)) + b"\r\n"
+            for value, raw in zip(self.values, signatures, strict=True)
+        ]
+        out.append(self.message)
+        return b"".join(out)
+
+
+def prepare(message: bytes, keys: Sequence[DkimKey], *, timestamp: int | None = None) -> Unsigned:
+    """Everything of :func:`sign` but the private-key operations; same arguments and errors."""
     if not keys:
         raise ValueError("DKIM sign() needs at least one key")
     message = _normalise(message)
@@ -325,15 +370,15 @@ def sign(message: bytes, keys: Sequence[DkimKey], *, timestamp: int | None = Non
     header_data = _selected_fields(fields, h_names)
     t = str(int(time.time()) if timestamp is None else timestamp).encode("ascii")
 
-    ordered = sorted(keys, key=lambda k: isinstance(k.private_key, ed25519.Ed25519PrivateKey))
-    out: list[bytes] = []
-    for key in ordered:
-        value = _signature_value(key, t, h_names, body_hash)
-        data = header_data + relaxed_header(_SIG_NAME, value)[:-2]
-        signature = base64.b64encode(_sign_digest(key.private_key, hashlib.sha256(data).digest()))
-        out.append(_SIG_NAME + b":" + value + _fold_b64(signature) + b"\r\n")
-    out.append(message)
-    return b"".join(out)
+    ordered = tuple(
+        sorted(keys, key=lambda k: isinstance(k.private_key, ed25519.Ed25519PrivateKey))
+    )
+    values = tuple(_signature_value(key, t, h_names, body_hash) for key in ordered)
+    digests = tuple(
+        hashlib.sha256(header_data + relaxed_header(_SIG_NAME, value)[:-2]).digest()
+        for value in values
+    )
+    return Unsigned(message, ordered, values, digests)
 
 
 def _normalise(message: bytes) -> bytes:
@@ -388,7 +433,7 @@ def _fold_b64(signature: bytes) -> bytes:
     return b"\r\n ".join(chunks)
 
 
-def _sign_digest(private_key: PrivateKey, digest: bytes) -> bytes:
+def sign_digest(private_key: PrivateKey, digest: bytes) -> bytes:
     """The raw signature over a SHA-256 digest: PKCS#1 v1.5 for RSA, PureEdDSA for Ed25519.
 
     RFC 8463 has Ed25519 sign the digest itself (32 bytes) as its message, so

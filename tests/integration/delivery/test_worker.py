@@ -44,9 +44,16 @@ from postlane.delivery.mta_sts import MtaStsCache
 from postlane.delivery.outcome_journal import OutcomeJournal
 from postlane.delivery.resolver import Resolver
 from postlane.delivery.shaping import Shaper, load_rules
-from postlane.delivery.worker import INLINE_COMPOSE_BYTES, VERP_KEY_PURPOSE, DeliveryWorker
+from postlane.delivery.signer import Signer
+from postlane.delivery.worker import (
+    INLINE_COMPOSE_BYTES,
+    SIGN_BATCH,
+    VERP_KEY_PURPOSE,
+    DeliveryWorker,
+)
 from postlane.errors import StoreError
 from postlane.options import SendOptions, from_headers
+from postlane.render.dkim import Unsigned
 from postlane.smtp import protocol as p
 from postlane.store import Database, queue, upgrade
 from postlane.store import messages as message_store
@@ -390,6 +397,7 @@ def test_delivers_signed_copy_with_verp_sender(env: Env) -> None:
 def test_small_copies_compose_on_the_loop_large_ones_in_a_thread(
     env: Env, monkeypatch: pytest.MonkeyPatch, size: int, threaded: bool
 ) -> None:
+    """A small copy is rendered on the loop and signed by the signer; a large one in a thread."""
     in_thread: list[str] = []
     real = asyncio.to_thread
 
@@ -399,16 +407,70 @@ def test_small_copies_compose_on_the_loop_large_ones_in_a_thread(
         return await real(func, *args, **kwargs)
 
     monkeypatch.setattr(asyncio, "to_thread", spy)
+    by_signer = spy_on_signer(monkeypatch)
     body = ("x" * 76 + "\r\n") * (size // 78 + 1)
     message_id = env.message("ann@example.test", body=body)
     receiver = Receiver()
     run(deliver(env, receiver))
 
     assert in_thread == (["ann@example.test"] if threaded else [])
+    assert by_signer == ([] if threaded else [1])
     (received,) = receiver.messages
     assert body.encode() in received.data
     assert dkim.verify(received.data, dnsfunc=env.dkim_dns())
     assert env.recipients(message_id)["ann@example.test"].status == "delivered"
+
+
+def spy_on_signer(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each batch the worker hands to its signer, as they come."""
+    batches: list[int] = []
+    real = Signer.sign
+
+    async def sign(self: Signer, batch: list[Unsigned]) -> list[bytes]:
+        batches.append(len(batch))
+        return await real(self, batch)
+
+    monkeypatch.setattr(Signer, "sign", sign)
+    return batches
+
+
+def test_a_groups_copies_are_signed_in_batches_and_each_verifies(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = spy_on_signer(monkeypatch)
+    addresses = [f"r{n}@example.test" for n in range(SIGN_BATCH + 3)]
+    message_id = env.message(*addresses)
+    receiver = Receiver()
+    rules = shaping_rules(env, per_minute=6000, per_connection=100)
+    run(deliver(env, receiver, shaping_rules=rules))
+
+    assert batches == [SIGN_BATCH, 3]
+    assert {m.recipients[0] for m in receiver.messages} == set(addresses)
+    for received in receiver.messages:  # each copy carries its own signature
+        assert f"To: {received.recipients[0]}".encode() in received.data
+        assert dkim.verify(received.data, dnsfunc=env.dkim_dns())
+    assert {r.status for r in env.recipients(message_id).values()} == {"delivered"}
+
+
+def test_a_copy_that_cannot_be_signed_is_deferred_with_the_reason(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: Signer, batch: list[Unsigned]) -> list[bytes]:
+        raise RuntimeError("the signing threads are gone")
+
+    monkeypatch.setattr(Signer, "sign", broken)
+    message_id = env.message("ann@example.test", "bob@example.test")
+    receiver = Receiver()
+    before = datetime.now(UTC)
+    run(deliver(env, receiver))
+
+    assert receiver.messages == []  # nothing unsigned leaves
+    for row in env.recipients(message_id).values():
+        assert row.status == "deferred"
+        assert row.last_reply == "DKIM signing failed: the signing threads are gone"
+        assert row.next_attempt_at >= before + timedelta(seconds=60)
+    events = env.events(message_id, "deferred")
+    assert len(events) == 2 and all(e.data["stage"] == "sign" for e in events)
 
 
 def test_replies_decide_each_recipient(env: Env) -> None:

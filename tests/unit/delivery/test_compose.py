@@ -286,7 +286,7 @@ def test_steps_run_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> N
         "substitute_recipient_variables",
         "view_for",
         "apply_attachment_policy",
-        "sign",
+        "prepare",
     )
     compose(
         PLAIN,
@@ -301,7 +301,7 @@ def test_steps_run_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> N
         "substitute_recipient_variables",
         "view_for",
         "apply_attachment_policy",
-        "sign",
+        "prepare",
     ]
 
 

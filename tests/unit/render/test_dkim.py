@@ -368,6 +368,33 @@ def test_sign_needs_a_key_and_a_parsable_header() -> None:
         sign(b" folded: first\r\nFrom: a@example.com\r\n\r\n", [key])
 
 
+def test_signatures_made_elsewhere_finish_into_what_sign_makes(
+    rsa_key: DkimKey, ed_key: DkimKey, dkimpy_ed25519: str
+) -> None:
+    """prepare, then each digest signed apart, then finish: byte for byte sign's copy."""
+    unsigned = ours.prepare(MESSAGE, [ed_key, rsa_key], timestamp=NOW)
+    assert [key.algorithm for key in unsigned.keys] == ["rsa-sha256", "ed25519-sha256"]
+    raw = [
+        ours.sign_digest(key.private_key, digest)
+        for key, digest in zip(unsigned.keys, unsigned.digests, strict=True)
+    ]
+    signed = unsigned.finish(raw)
+    assert signed == sign(MESSAGE, [ed_key, rsa_key], timestamp=NOW)
+    assert dkimpy_verify(signed, dnsfunc(rsa_key, ed_key), 0)
+    assert dkimpy_verify(signed, dnsfunc(rsa_key, ed_key), 1)
+
+
+def test_finish_wants_one_signature_per_key(rsa_key: DkimKey) -> None:
+    unsigned = ours.prepare(MESSAGE, [rsa_key], timestamp=NOW)
+    with pytest.raises(ValueError, match="1 signatures needed, 2 given"):
+        unsigned.finish([b"x", b"y"])
+
+
+def test_prepare_refuses_what_sign_refuses() -> None:
+    with pytest.raises(ValueError, match="at least one key"):
+        ours.prepare(MESSAGE, [])
+
+
 # --- byte-exact agreement with dkimpy's own signer ------------------------------------------
 
 
@@ -423,7 +450,7 @@ def test_bh_and_rsa_b_equal_dkimpys(
     # signing give dkimpy's b= exactly (PKCS#1 v1.5 is deterministic).
     fields, _ = parse_message(message)
     data = header_hash_input(fields, include, without_b(theirs_value))
-    ours_b = ours._sign_digest(rsa_key.private_key, hashlib.sha256(data).digest())
+    ours_b = ours.sign_digest(rsa_key.private_key, hashlib.sha256(data).digest())
     assert base64.b64encode(ours_b) == re.sub(rb"\s+", b"", theirs[b"b"])
 
 
@@ -449,7 +476,7 @@ def test_ed25519_b_equals_dkimpys(
     value = header[len(b"DKIM-Signature:") :].removesuffix(b"\r\n")
     fields, _ = parse_message(MESSAGE)
     data = header_hash_input(fields, include, without_b(value))
-    mine = ours._sign_digest(ed_private, hashlib.sha256(data).digest())
+    mine = ours.sign_digest(ed_private, hashlib.sha256(data).digest())
     assert base64.b64encode(mine) == re.sub(rb"\s+", b"", parse_tag_value(value)[b"b"])
 
 
@@ -523,7 +550,7 @@ def test_rfc8463_example_ed25519_signature_is_reproduced() -> None:
         b"subject : date : message-id : from : subject : date; "
         b"bh=2jUSOH9NhtVGCQWNr9BrIAPreKQjO6Sn7XIkfJVOzv8=; b="
     )
-    signature = ours._sign_digest(private, hashlib.sha256(data).digest())
+    signature = ours.sign_digest(private, hashlib.sha256(data).digest())
     published = re.sub(rb"\s+", b"", parse_tag_value(value)[b"b"])
     assert base64.b64encode(signature) == published
 
