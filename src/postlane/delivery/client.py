@@ -466,11 +466,13 @@ class OutboundConnection:
         smtputf8: bool = False,
         eight_bit: bool = False,
         size: int | None = None,
+        crlf_only: bool = False,
     ) -> TransactionResult:
         """Send one message; returns when the server has answered it.
 
         Refusals are in the result, not raised. Raises :class:`ConnectionClosed`
         (or what ended the session) only if the connection was over before.
+        The options are :meth:`ClientConnection.send_message`'s.
         """
         session = self._session
         self._check_open()
@@ -478,7 +480,13 @@ class OutboundConnection:
         session.sends.append(future)
         try:
             session.engine.send_message(
-                mail_from, recipients, data, smtputf8=smtputf8, eight_bit=eight_bit, size=size
+                mail_from,
+                recipients,
+                data,
+                smtputf8=smtputf8,
+                eight_bit=eight_bit,
+                size=size,
+                crlf_only=crlf_only,
             )
         except BaseException:
             session.sends.remove(future)

@@ -83,6 +83,7 @@ from postlane.delivery.sasl import (
     offered_mechanisms,
     plain_response,
 )
+from postlane.render.line_ends import crlf_lines
 from postlane.smtp.addresses import AddressError, split_path
 
 __all__ = [
@@ -282,6 +283,7 @@ class _Transaction:
 
     __slots__ = (
         "accepted",
+        "crlf_only",
         "data",
         "data_reply",
         "eight_bit",
@@ -303,10 +305,12 @@ class _Transaction:
         smtputf8: bool,
         eight_bit: bool,
         size: int,
+        crlf_only: bool = False,
     ) -> None:
         self.mail_from = mail_from
         self.recipients = recipients
         self.data = data
+        self.crlf_only = crlf_only
         self.smtputf8 = smtputf8
         self.eight_bit = eight_bit
         self.size = size
@@ -361,18 +365,19 @@ def _valid_path(address: str, *, sender: bool) -> bool:
     return mailbox == address and not rest
 
 
-def prepare_content(data: bytes) -> bytes:
+def prepare_content(data: bytes, *, crlf_only: bool = False) -> bytes:
     """The bytes to send after 354: CRLF line ends, dot-stuffed, with the terminator.
 
     Bare CR and bare LF both become CRLF; every line that starts with "." gets
     another "." (RFC 5321 §4.5.2); a last line without a line end gets one; then
-    ".\\r\\n". Empty content is just the terminator.
+    ".\\r\\n". Empty content is just the terminator. ``crlf_only`` is the
+    caller's word that ``data`` has no bare CR or LF (a DKIM-signed copy from
+    :func:`postlane.render.dkim.prepare` has none), which skips looking:
+    three passes over the message, 10% of the delivery role's time with
+    Python's lock while draining a bench/relay backlog.
     """
-    crlf = data.count(b"\r\n")
-    # Composed copies are CRLF throughout: counting (no copies) finds that,
-    # and the three rewriting passes are only made for bare CR or LF.
-    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if not crlf_only:
+        data = crlf_lines(data)
     if not data:
         return b".\r\n"
     data = data.replace(b"\r\n.", b"\r\n..")
@@ -510,6 +515,7 @@ class ClientConnection:
         smtputf8: bool = False,
         eight_bit: bool = False,
         size: int | None = None,
+        crlf_only: bool = False,
     ) -> None:
         """Queue one message; its :class:`TransactionResult` comes after earlier ones.
 
@@ -517,14 +523,21 @@ class ClientConnection:
         in order. ``smtputf8`` says the message needs SMTPUTF8 (UTF-8 headers);
         non-ASCII addresses ask for it by themselves. ``eight_bit`` declares
         8-bit content; content with 8-bit bytes counts as such anyway. ``size``
-        is the SIZE= estimate, ``len(data)`` by default.
+        is the SIZE= estimate, ``len(data)`` by default. ``crlf_only``: see
+        :func:`prepare_content`.
         """
         self._check_open()
         unique = tuple(dict.fromkeys(recipients))
         if not unique:
             raise ValueError("a message needs at least one recipient")
         txn = _Transaction(
-            mail_from, unique, data, smtputf8, eight_bit, len(data) if size is None else size
+            mail_from,
+            unique,
+            data,
+            smtputf8,
+            eight_bit,
+            len(data) if size is None else size,
+            crlf_only,
         )
         self._jobs.append(txn)
         self._start_jobs()
@@ -940,7 +953,7 @@ class ClientConnection:
             mail = txn.mail_reply
             out = self._out
             if txn.accepted and mail is not None and mail.code < 300:
-                out.append(prepare_content(txn.data))
+                out.append(prepare_content(txn.data, crlf_only=txn.crlf_only))
             else:  # RFC 2920 §3.1: DATA accepted with no recipient: send a single dot
                 out.append(b".\r\n")
             self._inflight.append(_Command(_Kind.DOT, b"", txn))

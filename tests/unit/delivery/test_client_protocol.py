@@ -668,6 +668,21 @@ def test_prepare_content_skips_no_bare_line_end(parts: list[bytes]) -> None:
     assert prepare_content(data) == _reference_content(data)
 
 
+@given(st.lists(st.sampled_from([b"a", b".", b"\r\n"]), max_size=30))
+def test_crlf_only_content_is_sent_as_the_full_check_would_send_it(parts: list[bytes]) -> None:
+    data = b"".join(parts)
+    assert prepare_content(data, crlf_only=True) == _reference_content(data)
+
+
+def test_crlf_only_is_the_callers_word_and_skips_the_line_end_check() -> None:
+    """The engine passes the flag on: content it was told is CRLF is not looked at again."""
+    checked, trusted = ready(), ready()
+    checked.send("a@example.com", data=b"x\ny\r\n")
+    trusted.send("a@example.com", data=b"x\ny\r\n", crlf_only=True)
+    assert checked.feed(MAIL_OK + RCPT_OK + GO) == b"x\r\ny\r\n.\r\n"
+    assert trusted.feed(MAIL_OK + RCPT_OK + GO) == b"x\ny\r\n.\r\n"
+
+
 def test_content_on_the_wire_is_dot_stuffed() -> None:
     client = ready()
     client.send("a@example.com", data=b"Subject: x\n\n.\n..\nend")

@@ -33,6 +33,7 @@ from dkim.util import parse_tag_value
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postlane.delivery.client_protocol import prepare_content
 from postlane.errors import InvalidInput
 from postlane.render import dkim as ours
 from postlane.render.dkim import (
@@ -43,6 +44,7 @@ from postlane.render.dkim import (
     relaxed_header,
     sign,
 )
+from postlane.render.line_ends import crlf_lines
 
 NOW = 1_700_000_000
 EMPTY_SHA256 = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
@@ -342,6 +344,19 @@ def test_bare_lf_and_missing_final_crlf_are_normalised(rsa_key: DkimKey) -> None
     unterminated = b"From: a@example.com\r\nSubject: s\r\n\r\nno newline at end  "
     signed = sign(unterminated, [rsa_key], timestamp=NOW)
     assert signed.endswith(b"no newline at end  \r\n")
+    assert dkimpy_verify(signed, dnsfunc(rsa_key))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"bare\rcr\r\n", b"cr before crlf\r\r\nnext\r\n", b"lf\nand\rcr\r\n", b"last\r"],
+)
+def test_what_is_signed_is_what_the_client_sends(rsa_key: DkimKey, body: bytes) -> None:
+    """A bare CR is made a CRLF before signing, as the client sends it (it used to be kept)."""
+    signed = sign(b"From: a@example.com\r\nSubject: s\r\n\r\n" + body, [rsa_key], timestamp=NOW)
+    assert crlf_lines(signed) == signed  # nothing left for the client to rewrite
+    assert prepare_content(signed) == prepare_content(signed, crlf_only=True)
+    assert b"\r" not in signed.replace(b"\r\n", b"")
     assert dkimpy_verify(signed, dnsfunc(rsa_key))
 
 
