@@ -113,7 +113,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -662,12 +662,7 @@ class DeliveryWorker:
             if loop.time() - yielded > YIELD_EVERY:  # copies composed on the loop: let I/O in
                 await asyncio.sleep(0)
                 yielded = loop.time()
-            try:
-                item = await self._prepare(row, batch, suppressed)
-            except Exception as exc:  # a bug for one recipient fails that recipient only
-                log.exception("cannot prepare recipient %d", row.id)
-                await self._fail(row, f"internal error preparing the message: {exc}", {})
-                item = None
+            item = await self._or_fail(row, self._prepare(row, batch, suppressed))
             prepared.append(item)
             if isinstance(item, _Pending):
                 waiting.append(item)
@@ -697,8 +692,18 @@ class DeliveryWorker:
                 await self._defer(item.row, f"DKIM signing failed: {data}", {"stage": "sign"})
                 results.append(None)
                 continue
-            results.append(await self._finish(item.row, item.mail_from, data, item.options))
+            finished = self._finish(item.row, item.mail_from, data, item.options)
+            results.append(await self._or_fail(item.row, finished))
         return results
+
+    async def _or_fail(self, row: queue.Leased, work: Awaitable[_T]) -> _T | None:
+        """``work``'s result; a bug for one recipient fails that recipient only (None)."""
+        try:
+            return await work
+        except Exception as exc:
+            log.exception("cannot prepare recipient %d", row.id)
+            await self._fail(row, f"internal error preparing the message: {exc}", {})
+            return None
 
     def _sign(self, pendings: list[_Pending]) -> asyncio.Future[list[bytes]]:
         return asyncio.ensure_future(self._signer.sign([p.unsigned for p in pendings]))

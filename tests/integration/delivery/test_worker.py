@@ -39,6 +39,7 @@ from dnsserver import DnsServer
 from postlane import crypto
 from postlane.config import Settings
 from postlane.delivery import verp
+from postlane.delivery import worker as worker_module
 from postlane.delivery.compose import compose
 from postlane.delivery.mta_sts import MtaStsCache
 from postlane.delivery.outcome_journal import OutcomeJournal
@@ -471,6 +472,30 @@ def test_a_copy_that_cannot_be_signed_is_deferred_with_the_reason(
         assert row.next_attempt_at >= before + timedelta(seconds=60)
     events = env.events(message_id, "deferred")
     assert len(events) == 2 and all(e.data["stage"] == "sign" for e in events)
+
+
+def test_a_bug_after_signing_fails_that_recipient_only(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = worker_module._archiving
+
+    def archiving(row: queue.Leased, data: bytes, now: datetime) -> Any:
+        if row.address == "ann@example.test":
+            raise RuntimeError("archive broke")
+        return real(row, data, now)
+
+    monkeypatch.setattr(worker_module, "_archiving", archiving)
+    message_id = env.message("ann@example.test", "bob@example.test", options={"archive_copy": True})
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    rows = env.recipients(message_id)
+    assert rows["ann@example.test"].status == "failed"
+    assert rows["ann@example.test"].last_reply == (
+        "internal error preparing the message: archive broke"
+    )
+    assert rows["bob@example.test"].status == "delivered"
+    assert [m.recipients for m in receiver.messages] == [("bob@example.test",)]
 
 
 def test_replies_decide_each_recipient(env: Env) -> None:
