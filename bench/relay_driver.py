@@ -451,20 +451,47 @@ class Relay:
         server_cpu: Any,
         done_by_server: Any,
         log_dir: Path,
+        held: Any = None,
     ) -> dict[str, Any]:
-        """Send n messages; poll until the sink has n and the server says all are delivered."""
+        """Send n messages; poll until the sink has n and the server says all are delivered.
+
+        With ``held`` (``--drain``: the server, which holds what it takes) the
+        messages are sent first, untimed, and the clock runs from
+        ``held.release()``.
+        """
+        source_s = source_rc = proc = None
+        client_cpu = 0.0
+        if held is not None:
+            accept_started = time.perf_counter()
+            with open(log_dir / "client.log", "wb") as out:
+                source_rc = subprocess.run(
+                    smtp_source_cmd(port, sessions, n, self.args.size),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                ).returncode
+            source_s = time.perf_counter() - accept_started
+            deadline = time.monotonic() + 60
+            while (waiting := held.held()) < n and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if waiting != n or sink.messages():
+                self.fail(
+                    f"{server_name} s={sessions}: {waiting} held and {sink.messages()} sent, "
+                    f"expected {n} held and none sent before the release"
+                )
         background = settle(self.args.quiet_threshold, self.args.quiet_wait)
         self_ru0 = resource.getrusage(resource.RUSAGE_SELF)
         cpu0, sink0, window = server_cpu(), sink.cpu(), CpuWindow()
         started = time.perf_counter()
-        with open(log_dir / "client.log", "wb") as out:
-            proc = subprocess.Popen(
-                smtp_source_cmd(port, sessions, n, self.args.size),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        source_s = source_rc = None
-        client_cpu = 0.0
+        if held is not None:
+            held.release()
+        else:
+            with open(log_dir / "client.log", "wb") as out:
+                proc = subprocess.Popen(
+                    smtp_source_cmd(port, sessions, n, self.args.size),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
         sink_s = server_s = None
         progress: list[tuple[float, int, int]] = []
         last_progress = -1.0
@@ -472,7 +499,7 @@ class Relay:
         server_done = 0
         while True:
             now = time.perf_counter()
-            if source_s is None:
+            if proc is not None and source_s is None:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     source_s = now - started
@@ -492,7 +519,7 @@ class Relay:
             if source_s is not None and sink_s is not None and server_s is not None:
                 break
             if now > limit:
-                if source_s is None:
+                if proc is not None and source_s is None:
                     proc.kill()
                     proc.wait()
                 self.fail(
@@ -502,7 +529,10 @@ class Relay:
                 )
                 break
             time.sleep(0.02 if sink_s is not None else 0.1)
-        end_s = max(v for v in (sink_s, server_s, source_s) if v is not None)
+        timed = [v for v in (sink_s, server_s) if v is not None]
+        if proc is not None and source_s is not None:
+            timed.append(source_s)
+        end_s = max(timed, default=0.0)
         cpu1, sink1 = server_cpu(), sink.cpu()
         self_ru1 = resource.getrusage(resource.RUSAGE_SELF)
         driver_cpu = (self_ru1.ru_utime + self_ru1.ru_stime) - (
@@ -514,6 +544,7 @@ class Relay:
             "server": server_name,
             "sessions": sessions,
             "messages": n,
+            "drain": held is not None,
             "complete": complete,
             "seconds": round(end_s, 3),
             "msg_per_s": round(n / end_s, 1) if complete else None,
@@ -525,96 +556,6 @@ class Relay:
             "server_cpu_s": round(cpu1 - cpu0, 2),
             "sink_cpu_s": round(sink1 - sink0, 2),
             "client_cpu_s": round(client_cpu, 2),
-            "driver_cpu_s": round(driver_cpu, 2),
-            "background_busy_pct": background,
-            **machine,
-            "progress": progress,
-        }
-
-    def measure_drain(
-        self,
-        server_name: str,
-        sessions: int,
-        n: int,
-        port: int,
-        sink: Sink,
-        server: Any,
-        done_by_server: Any,
-        log_dir: Path,
-    ) -> dict[str, Any]:
-        """Send n messages to a server that holds them; then time from release to all delivered."""
-        accept_started = time.perf_counter()
-        with open(log_dir / "client.log", "wb") as out:
-            source = subprocess.run(
-                smtp_source_cmd(port, sessions, n, self.args.size),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                check=False,
-            )
-        source_s = time.perf_counter() - accept_started
-        deadline = time.monotonic() + 60
-        while (held := server.held()) < n and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if held != n or sink.messages():
-            self.fail(
-                f"{server_name} s={sessions}: {held} held and {sink.messages()} sent, "
-                f"expected {n} held and none sent before the release"
-            )
-        background = settle(self.args.quiet_threshold, self.args.quiet_wait)
-        self_ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu0, sink0, window = server.cpu(), sink.cpu(), CpuWindow()
-        started = time.perf_counter()
-        server.release()
-        sink_s = server_s = None
-        server_done = 0
-        progress: list[tuple[float, int, int]] = []
-        last_progress = -1.0
-        limit = started + self.args.run_limit
-        while True:
-            now = time.perf_counter()
-            got = sink.messages()
-            if sink_s is None and got >= n:
-                sink_s = now - started
-            if server_s is None and (sink_s is not None or now - last_progress >= 1.0):
-                server_done = done_by_server()
-                if server_done >= n:
-                    server_s = time.perf_counter() - started
-            if now - last_progress >= 1.0:
-                last_progress = now
-                progress.append((round(now - started, 1), got, server_done))
-            if sink_s is not None and server_s is not None:
-                break
-            if now > limit:
-                self.fail(
-                    f"{server_name} s={sessions} drain: not done after {self.args.run_limit} s "
-                    f"(sink {got}, server {server_done})"
-                )
-                break
-            time.sleep(0.02 if sink_s is not None else 0.1)
-        end_s = max(v for v in (sink_s, server_s) if v is not None) if sink_s or server_s else 0
-        cpu1, sink1 = server.cpu(), sink.cpu()
-        self_ru1 = resource.getrusage(resource.RUSAGE_SELF)
-        driver_cpu = (self_ru1.ru_utime + self_ru1.ru_stime) - (
-            self_ru0.ru_utime + self_ru0.ru_stime
-        )
-        machine = window.finish(end_s, cpu1 - cpu0 + sink1 - sink0 + driver_cpu, 0.0)
-        complete = sink_s is not None and server_s is not None
-        return {
-            "server": server_name,
-            "sessions": sessions,
-            "messages": n,
-            "drain": True,
-            "complete": complete,
-            "seconds": round(end_s, 3),
-            "msg_per_s": round(n / end_s, 1) if complete else None,
-            "source_seconds": round(source_s, 3),
-            "accept_msg_per_s": round(n / source_s, 1),
-            "sink_complete_s": round(sink_s, 3) if sink_s else None,
-            "server_complete_s": round(server_s, 3) if server_s else None,
-            "smtp_source_rc": source.returncode,
-            "server_cpu_s": round(cpu1 - cpu0, 2),
-            "sink_cpu_s": round(sink1 - sink0, 2),
-            "client_cpu_s": 0.0,
             "driver_cpu_s": round(driver_cpu, 2),
             "background_busy_pct": background,
             **machine,
@@ -634,10 +575,8 @@ class Relay:
         def sent() -> int:
             return pf.relay_counts()["sent"]
 
-        if self.args.drain:
-            result = self.measure_drain("Postfix", sessions, n, pf.port, sink, pf, sent, base)
-        else:
-            result = self.measure("Postfix", sessions, n, pf.port, sink, pf.cpu, sent, base)
+        held = pf if self.args.drain else None
+        result = self.measure("Postfix", sessions, n, pf.port, sink, pf.cpu, sent, base, held)
         time.sleep(1.0)  # anything extra (a duplicate) would show up in the sink by now
         counts = pf.relay_counts()
         queue_empty = pf.queue_empty()
@@ -704,14 +643,9 @@ class Relay:
         def delivered() -> int:
             return pl.statuses().get("delivered", 0)
 
-        if self.args.drain:
-            result = self.measure_drain(
-                "Postlane", sessions, n, self.ports.trusted, sink, pl, delivered, base
-            )
-        else:
-            result = self.measure(
-                "Postlane", sessions, n, self.ports.trusted, sink, pl.cpu, delivered, base
-            )
+        held = pl if self.args.drain else None
+        port = self.ports.trusted
+        result = self.measure("Postlane", sessions, n, port, sink, pl.cpu, delivered, base, held)
         time.sleep(1.0)
         sink_final = sink.counters()
         statuses = pl.statuses()
