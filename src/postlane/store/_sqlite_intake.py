@@ -101,7 +101,8 @@ def when(value: datetime) -> str:
     )
 
 
-def _cursor(conn: Connection) -> sqlite3.Cursor:
+def cursor_of(conn: Connection) -> sqlite3.Cursor:
+    """A cursor of the sqlite3 connection under ``conn``, in its transaction."""
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     assert isinstance(cursor, sqlite3.Cursor)
     return cursor
@@ -111,7 +112,7 @@ def find_duplicates(conn: Connection, keys: Sequence[str], since: datetime) -> d
     unique = sorted(set(keys))
     sql = _DUPLICATES.format(keys=", ".join("?" * len(unique)))
     try:
-        rows = _cursor(conn).execute(sql, [*unique, when(since)]).fetchall()
+        rows = cursor_of(conn).execute(sql, [*unique, when(since)]).fetchall()
     except sqlite3.Error as e:
         raise StoreError(f"database error: {e}") from e
     return {str(key): str(first) for key, first in rows}
@@ -119,7 +120,7 @@ def find_duplicates(conn: Connection, keys: Sequence[str], since: datetime) -> d
 
 def insert(conn: Connection, batch: Sequence[NewMessage]) -> None:
     """The messages, their recipients, and their ``accepted``/``inbound`` and ``queued`` events."""
-    cursor = _cursor(conn)
+    cursor = cursor_of(conn)
     try:
         _insert_all(cursor, batch)
     except sqlite3.Error as e:

@@ -84,7 +84,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from postlane.errors import InvalidInput, NotFound
-from postlane.store import _values
+from postlane.store import _sqlite_outcomes, _values
 from postlane.store.schema import RECIPIENT_STATUSES, events, messages, recipients
 from postlane.store.suppressions import NewSuppression, add_suppressions, is_address
 
@@ -325,20 +325,36 @@ def mark_delivered_many(
     delivery role's time with the GIL. Here: one SELECT of the rows
     ``owner`` still holds (locked on PostgreSQL, so the fence cannot move
     before the UPDATE; SQLite's writer already holds the database), one
-    executemany UPDATE and one multi-row event INSERT, per 500 rows.
+    executemany UPDATE and one multi-row event INSERT, per 500 rows. On
+    SQLite they run on the driver's cursor (:mod:`._sqlite_outcomes`).
     """
     owner = _values.name("lease owner", owner)
     _aware("now", now)
-    prepared: dict[int, tuple[Delivery, dict[str, Any]]] = {}
+    by_id: dict[int, tuple[str | None, dict[str, Any]]] = {}  # id: (reply, event data)
     for delivery in deliveries:
         _values.integer("recipient id", delivery.id)
         event_data = _values.json_object("event data", delivery.data)
         if delivery.reply is not None:
             event_data.setdefault("reply", delivery.reply)
-        prepared[delivery.id] = (delivery, event_data)
+        by_id[delivery.id] = (delivery.reply, event_data)
+    if conn.dialect.name == "sqlite":  # the same statements, without SQLAlchemy's overhead
+        written = _sqlite_outcomes.mark_delivered(conn, by_id, owner=owner, now=now)
+    else:
+        written = _mark_delivered_core(conn, by_id, owner=owner, now=now)
+    return [delivery.id in written for delivery in deliveries]
+
+
+def _mark_delivered_core(
+    conn: Connection,
+    deliveries: Mapping[int, tuple[str | None, dict[str, Any]]],
+    *,
+    owner: str,
+    now: datetime,
+) -> set[int]:
+    """:func:`mark_delivered_many`'s statements through SQLAlchemy; the ids written."""
     r = recipients.c
     held: list[sa.Row[Any]] = []
-    for chunk in _chunks(list(prepared)):
+    for chunk in _chunks(list(deliveries)):
         query = (
             sa.select(r.id, r.account_id, r.message_id)
             .where(r.id.in_(chunk), r.lease_owner == owner, r.status == "sending")
@@ -346,8 +362,8 @@ def mark_delivered_many(
         )
         held.extend(conn.execute(query))
     if held:
-        with_reply = [row for row in held if prepared[row.id][0].reply is not None]
-        without = [row for row in held if prepared[row.id][0].reply is None]
+        with_reply = [row for row in held if deliveries[row.id][0] is not None]
+        without = [row for row in held if deliveries[row.id][0] is None]
         base = sa.update(recipients).where(r.id == sa.bindparam("b_id"))
         common = {
             "status": "delivered",
@@ -359,13 +375,12 @@ def mark_delivered_many(
         if with_reply:
             conn.execute(
                 base.values(**common, last_reply=sa.bindparam("b_reply")),
-                [{"b_id": row.id, "b_reply": prepared[row.id][0].reply} for row in with_reply],
+                [{"b_id": row.id, "b_reply": deliveries[row.id][0]} for row in with_reply],
             )
         if without:
             conn.execute(base.values(**common), [{"b_id": row.id} for row in without])
-        _record(conn, held, "delivered", now, lambda row: prepared[row.id][1])
-    written = {row.id for row in held}
-    return [delivery.id in written for delivery in deliveries]
+        _record(conn, held, "delivered", now, lambda row: deliveries[row.id][1])
+    return {row.id for row in held}
 
 
 def mark_deferred(
