@@ -84,7 +84,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from postlane.errors import InvalidInput, NotFound
-from postlane.store import _sqlite_outcomes, _values
+from postlane.store import _sqlite_delivery, _values
 from postlane.store.schema import RECIPIENT_STATUSES, events, messages, recipients
 from postlane.store.suppressions import NewSuppression, add_suppressions, is_address
 
@@ -165,6 +165,22 @@ def lease_due(
         raise InvalidInput(f"dialect {dialect!r} given for a {conn.dialect.name} connection")
     if limit == 0:
         return []
+    if dialect == "sqlite":  # the same statement, without SQLAlchemy's overhead
+        rows = _sqlite_delivery.lease(
+            conn, owner=owner, now=now, until=now + lease_for, limit=limit
+        )
+        leased = [Leased(*row) for row in rows]
+    else:
+        leased = _lease_core(conn, owner=owner, now=now, limit=limit, lease_for=lease_for)
+    leased.sort(key=lambda x: (x.domain, x.priority, x.next_attempt_at, x.id))
+    return leased
+
+
+def _lease_core(
+    conn: Connection, *, owner: str, now: datetime, limit: int, lease_for: timedelta
+) -> list[Leased]:
+    """:func:`lease_due`'s statement through SQLAlchemy, unsorted; rows locked on PostgreSQL."""
+    dialect = conn.dialect.name
     r = recipients.c
     order = (r.priority, r.next_attempt_at, r.id)
 
@@ -208,9 +224,7 @@ def lease_due(
             r.next_attempt_at,
         )
     )
-    leased = [Leased(**row._mapping) for row in conn.execute(statement)]
-    leased.sort(key=lambda x: (x.domain, x.priority, x.next_attempt_at, x.id))
-    return leased
+    return [Leased(**row._mapping) for row in conn.execute(statement)]
 
 
 def renew_leases(
@@ -326,7 +340,7 @@ def mark_delivered_many(
     ``owner`` still holds (locked on PostgreSQL, so the fence cannot move
     before the UPDATE; SQLite's writer already holds the database), one
     executemany UPDATE and one multi-row event INSERT, per 500 rows. On
-    SQLite they run on the driver's cursor (:mod:`._sqlite_outcomes`).
+    SQLite they run on the driver's cursor (:mod:`._sqlite_delivery`).
     """
     owner = _values.name("lease owner", owner)
     _aware("now", now)
@@ -338,7 +352,7 @@ def mark_delivered_many(
             event_data.setdefault("reply", delivery.reply)
         by_id[delivery.id] = (delivery.reply, event_data)
     if conn.dialect.name == "sqlite":  # the same statements, without SQLAlchemy's overhead
-        written = _sqlite_outcomes.mark_delivered(conn, by_id, owner=owner, now=now)
+        written = _sqlite_delivery.mark_delivered(conn, by_id, owner=owner, now=now)
     else:
         written = _mark_delivered_core(conn, by_id, owner=owner, now=now)
     return [delivery.id in written for delivery in deliveries]

@@ -1,15 +1,15 @@
-"""Delivered recipients written on SQLite's cursor are exactly what SQLAlchemy's path writes."""
+"""Leases and deliveries on SQLite's cursor are exactly what SQLAlchemy's path makes."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from test_store_queue import MINUTE, T0, enqueue, lease
 
-from postlane.store import Account, Database, _sqlite_outcomes
-from postlane.store.queue import _mark_delivered_core
+from postlane.store import Account, Database, _sqlite_delivery
+from postlane.store.queue import _lease_core, _mark_delivered_core, lease_due
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_both_paths_write_identical_rows(
         }
 
     with sqlite_db.begin() as conn:
-        written = _sqlite_outcomes.mark_delivered(conn, deliveries(ours), owner="w1", now=now)
+        written = _sqlite_delivery.mark_delivered(conn, deliveries(ours), owner="w1", now=now)
         assert written == set(ours[:3])
         assert _mark_delivered_core(conn, deliveries(theirs), owner="w1", now=now) == set(
             theirs[:3]
@@ -81,26 +81,78 @@ def test_nothing_held_writes_nothing(sqlite_db: Database, account: Account) -> N
     (rid,) = enqueue(sqlite_db, account.id, "Q1", "a@example.org")
     lease(sqlite_db, "w1")
     with sqlite_db.begin() as conn:
-        assert _sqlite_outcomes.mark_delivered(conn, {rid: (None, {})}, owner="w9", now=T0) == set()
-        assert _sqlite_outcomes.mark_delivered(conn, {}, owner="w1", now=T0) == set()
+        assert _sqlite_delivery.mark_delivered(conn, {rid: (None, {})}, owner="w9", now=T0) == set()
+        assert _sqlite_delivery.mark_delivered(conn, {}, owner="w1", now=T0) == set()
     stored = _stored(sqlite_db, "Q1")
     assert [r["status"] for r in stored["recipients"]] == ["sending"]
     assert [e["type"] for e in stored["events"]] == ["accepted", "queued"]
 
 
 def test_more_ids_than_one_select_holds(sqlite_db: Database, account: Account) -> None:
-    count = _sqlite_outcomes._CHUNK + 3
+    count = _sqlite_delivery._CHUNK + 3
     ids = enqueue(sqlite_db, account.id, "BIG", *(f"r{n}@example.org" for n in range(count)))
     lease(sqlite_db, "w1", limit=count)
     with sqlite_db.begin() as conn:
         deliveries = {rid: ("250 ok", {}) for rid in ids}
-        assert _sqlite_outcomes.mark_delivered(conn, deliveries, owner="w1", now=T0) == set(ids)
+        assert _sqlite_delivery.mark_delivered(conn, deliveries, owner="w1", now=T0) == set(ids)
 
 
 def test_the_instant_must_be_aware(sqlite_db: Database, account: Account) -> None:
     (rid,) = enqueue(sqlite_db, account.id, "Q2", "a@example.org")
     lease(sqlite_db, "w1")
     with sqlite_db.begin() as conn, pytest.raises(ValueError, match="naive datetime"):
-        _sqlite_outcomes.mark_delivered(
+        _sqlite_delivery.mark_delivered(
             conn, {rid: (None, {})}, owner="w1", now=datetime(2024, 5, 1, 8, 0)
         )
+
+
+def _recipient_rows(db: Database) -> list[dict[str, Any]]:
+    with db.connect() as conn:
+        result = conn.exec_driver_sql("SELECT * FROM recipients ORDER BY id")
+        return [dict(row._mapping) for row in result]
+
+
+def _restore(db: Database, rows: list[dict[str, Any]]) -> None:
+    with db.begin() as conn:
+        for row in rows:
+            conn.exec_driver_sql(
+                "UPDATE recipients SET status = ?, lease_owner = ?, lease_expires_at = ?, "
+                "updated_at = ? WHERE id = ?",
+                (
+                    row["status"],
+                    row["lease_owner"],
+                    row["lease_expires_at"],
+                    row["updated_at"],
+                    row["id"],
+                ),
+            )
+
+
+@pytest.mark.parametrize("limit", [1, 4, 7, 100])
+def test_both_paths_lease_the_same_rows_the_same_way(
+    sqlite_db: Database, account: Account, limit: int
+) -> None:
+    soon, later = T0 + MINUTE, T0 + 60 * MINUTE
+    enqueue(sqlite_db, account.id, "P3", "a@b.example", "b@a.example", priority=3)
+    enqueue(sqlite_db, account.id, "P1", "c@a.example", priority=1, next_attempt_at=soon)
+    enqueue(sqlite_db, account.id, "LATER", "d@a.example", priority=1, next_attempt_at=later)
+    deferred = enqueue(sqlite_db, account.id, "DEF", "e@c.example", "f@c.example", priority=2)
+    with sqlite_db.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE recipients SET status = 'deferred' WHERE id IN (?, ?)", tuple(deferred)
+        )
+    before = _recipient_rows(sqlite_db)
+    now = T0 + 2 * MINUTE
+    with sqlite_db.begin() as conn:
+        theirs = _lease_core(conn, owner="w1", now=now, limit=limit, lease_for=5 * MINUTE)
+    after_theirs = _recipient_rows(sqlite_db)
+    _restore(sqlite_db, before)
+    assert _recipient_rows(sqlite_db) == before
+    with sqlite_db.begin() as conn:
+        ours = lease_due(
+            conn, owner="w1", now=now, limit=limit, lease_for=5 * MINUTE, dialect="sqlite"
+        )
+    assert _recipient_rows(sqlite_db) == after_theirs
+    assert ours == sorted(theirs, key=lambda x: (x.domain, x.priority, x.next_attempt_at, x.id))
+    assert len(ours) == min(limit, 5)  # LATER is not due
+    assert all(x.next_attempt_at.tzinfo is UTC and x.expires_at.tzinfo is UTC for x in ours)
