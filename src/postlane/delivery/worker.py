@@ -655,7 +655,7 @@ class DeliveryWorker:
         suppressed = await self._suppressed(rows, batch)
         prepared: list[_Job | _Pending | None] = []
         waiting: list[_Pending] = []
-        signing: list[tuple[list[_Pending], asyncio.Future[list[bytes]]]] = []
+        signing: dict[int, tuple[asyncio.Future[list[bytes]], int]] = {}  # row: batch, place
         loop = asyncio.get_running_loop()
         yielded = loop.time()
         for row in rows:
@@ -667,32 +667,24 @@ class DeliveryWorker:
             if isinstance(item, _Pending):
                 waiting.append(item)
                 if len(waiting) >= SIGN_BATCH:
-                    signing.append((waiting, self._sign(waiting)))
+                    self._sign(waiting, signing)
                     waiting = []
         if waiting:
-            signing.append((waiting, self._sign(waiting)))
-        signed: dict[int, bytes | BaseException] = {}
-        for pendings, future in signing:
-            try:
-                copies: list[bytes] | BaseException = await future
-            except Exception as exc:  # those recipients are deferred, with the reason
-                copies = exc
-            for index, pending in enumerate(pendings):
-                signed[pending.row.id] = (
-                    copies if isinstance(copies, BaseException) else copies[index]
-                )
+            self._sign(waiting, signing)
         results: list[_Job | None] = []
         for item in prepared:
             if not isinstance(item, _Pending):
                 results.append(item)
                 continue
-            data = signed[item.row.id]
-            if isinstance(data, BaseException):  # nothing sent: try again later
-                log.error("recipient %d: DKIM signing failed: %s", item.row.id, data)
-                await self._defer(item.row, f"DKIM signing failed: {data}", {"stage": "sign"})
+            future, index = signing[item.row.id]
+            try:
+                copies = await future
+            except Exception as exc:  # nothing sent: try again later
+                log.error("recipient %d: DKIM signing failed: %s", item.row.id, exc)
+                await self._defer(item.row, f"DKIM signing failed: {exc}", {"stage": "sign"})
                 results.append(None)
                 continue
-            finished = self._finish(item.row, item.mail_from, data, item.options)
+            finished = self._finish(item.row, item.mail_from, copies[index], item.options)
             results.append(await self._or_fail(item.row, finished))
         return results
 
@@ -705,8 +697,15 @@ class DeliveryWorker:
             await self._fail(row, f"internal error preparing the message: {exc}", {})
             return None
 
-    def _sign(self, pendings: list[_Pending]) -> asyncio.Future[list[bytes]]:
-        return asyncio.ensure_future(self._signer.sign([p.unsigned for p in pendings]))
+    def _sign(
+        self,
+        pendings: list[_Pending],
+        signing: dict[int, tuple[asyncio.Future[list[bytes]], int]],
+    ) -> None:
+        """Hand ``pendings`` to the signer; note each one's batch and place in ``signing``."""
+        future = asyncio.ensure_future(self._signer.sign([p.unsigned for p in pendings]))
+        for index, pending in enumerate(pendings):
+            signing[pending.row.id] = (future, index)
 
     async def _suppressed(self, rows: list[queue.Leased], batch: _Batch) -> dict[int, Filtered]:
         """The rows a list filter keeps from being sent, each with why.

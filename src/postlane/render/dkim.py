@@ -325,9 +325,9 @@ class Unsigned:
     :func:`sign` in two halves. The private-key operation is most of the cost
     of a signed copy (an RSA-2048 signature takes about 0.26 ms here, the
     rest of the copy's rendering about 0.08 ms) and it is the one step that
-    runs without Python's lock, so a caller with many copies hands the
-    ``digests`` to other threads in batches and calls :meth:`finish` with
-    what comes back.
+    runs without Python's lock, so a caller with many copies hands them to
+    other threads in batches, which call :meth:`sign_all` and :meth:`finish`
+    (:mod:`postlane.delivery.signer`).
     """
 
     message: bytes

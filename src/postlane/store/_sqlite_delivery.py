@@ -26,7 +26,6 @@ from sqlalchemy.engine import Connection
 
 from postlane.errors import StoreError
 from postlane.store._sqlite_intake import cursor_of, when
-from postlane.store.schema import events, recipients
 
 __all__ = ["lease", "mark_delivered"]
 
@@ -52,18 +51,18 @@ _LEASE = (
 LeasedRow = tuple[int, str, int, str, str, int, int, datetime, datetime]
 
 _HELD = (
-    f"SELECT id, account_id, message_id FROM {recipients.name} "  # noqa: S608 - schema names
+    "SELECT id, account_id, message_id FROM recipients "
     "WHERE id IN ({ids}) AND lease_owner = ? AND status = 'sending'"
 )
 _DELIVERED = (
-    f"UPDATE {recipients.name} SET status = 'delivered', attempts = attempts + 1, "  # noqa: S608
+    "UPDATE recipients SET status = 'delivered', attempts = attempts + 1, "
     "lease_owner = NULL, lease_expires_at = NULL, updated_at = ?{reply} WHERE id = ?"
 )
 _WITH_REPLY = _DELIVERED.format(reply=", last_reply = ?")
 _WITHOUT_REPLY = _DELIVERED.format(reply="")
 _EVENT = (
-    f"INSERT INTO {events.name} "  # noqa: S608 - schema names
-    "(account_id, message_id, recipient_id, type, created_at, data) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (account_id, message_id, recipient_id, type, created_at, data) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 
