@@ -624,9 +624,10 @@ class Relay:
 
     # -- Postlane -------------------------------------------------------------------------
 
-    def postlane(self, base: Path) -> RelayPostlane:
+    def postlane(self, base: Path, *, drain: bool = False) -> RelayPostlane:
+        """A Postlane in ``--processes``'s arrangement, or holding its mail (``drain``)."""
         pl = RelayPostlane(self.template, base / "postlane", self.ports)
-        pl.mode = "drain" if self.args.drain else self.args.processes
+        pl.mode = "drain" if drain else self.args.processes
         pl.delivery_http = self.delivery_http_port
         return pl
 
@@ -635,7 +636,7 @@ class Relay:
         base.mkdir()
         sink_port = self.sink_port_postlane
         sink = Sink(base / "sink", sink_port)
-        pl = self.postlane(base)
+        pl = self.postlane(base, drain=self.args.drain)
         self.live += [sink, pl]
         sink.start()
         pl.start()
