@@ -338,6 +338,25 @@ class RelayPostlane(Postlane):
                 total += proc_cpu(self.delivery_proc.pid)
         return total
 
+    def cpu_parts(self) -> dict[str, float]:
+        """CPU seconds of each live Postlane process, by what it runs.
+
+        ``intake`` is the first process; the others are named by their
+        ``--role`` (``commit``, ``delivery``, a second ``smtp``).
+        """
+        parts: dict[str, float] = {}
+        if self.proc is None or self.proc.poll() is not None:
+            return parts
+        others = set(self._others()) | set(self.children())  # split: delivery's and commit's
+        for pid, label in [(self.proc.pid, "intake"), *((pid, "") for pid in sorted(others))]:
+            with contextlib.suppress(OSError, ValueError):
+                if not label:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    roles = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == b"--role"]
+                    label = "+".join(r.decode() for r in roles) or "other"
+                parts[label] = parts.get(label, 0.0) + proc_cpu(pid)
+        return parts
+
     def hwm_kib(self) -> int:
         total = super().hwm_kib()
         for pid in self._others():
@@ -452,12 +471,14 @@ class Relay:
         done_by_server: Any,
         log_dir: Path,
         held: Any = None,
+        server_parts: Any = None,
     ) -> dict[str, Any]:
         """Send n messages; poll until the sink has n and the server says all are delivered.
 
         With ``held`` (``--drain``: the server, which holds what it takes) the
         messages are sent first, untimed, and the clock runs from
-        ``held.release()``.
+        ``held.release()``. ``server_parts``, when given, returns the server's
+        CPU seconds per process role, recorded for the same window.
         """
         source_s = source_rc = proc = None
         client_cpu = 0.0
@@ -481,6 +502,7 @@ class Relay:
                 )
         background = settle(self.args.quiet_threshold, self.args.quiet_wait)
         self_ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        parts0 = server_parts() if server_parts is not None else {}
         cpu0, sink0, window = server_cpu(), sink.cpu(), CpuWindow()
         started = time.perf_counter()
         if held is not None:
@@ -534,6 +556,8 @@ class Relay:
             timed.append(source_s)
         end_s = max(timed, default=0.0)
         cpu1, sink1 = server_cpu(), sink.cpu()
+        parts1 = server_parts() if server_parts is not None else {}
+        parts = {k: round(v - parts0.get(k, 0.0), 2) for k, v in parts1.items()}
         self_ru1 = resource.getrusage(resource.RUSAGE_SELF)
         driver_cpu = (self_ru1.ru_utime + self_ru1.ru_stime) - (
             self_ru0.ru_utime + self_ru0.ru_stime
@@ -554,6 +578,7 @@ class Relay:
             "server_complete_s": round(server_s, 3) if server_s else None,
             "smtp_source_rc": source_rc,
             "server_cpu_s": round(cpu1 - cpu0, 2),
+            "server_cpu_parts_s": parts,
             "sink_cpu_s": round(sink1 - sink0, 2),
             "client_cpu_s": round(client_cpu, 2),
             "driver_cpu_s": round(driver_cpu, 2),
@@ -646,7 +671,9 @@ class Relay:
 
         held = pl if self.args.drain else None
         port = self.ports.trusted
-        result = self.measure("Postlane", sessions, n, port, sink, pl.cpu, delivered, base, held)
+        result = self.measure(
+            "Postlane", sessions, n, port, sink, pl.cpu, delivered, base, held, pl.cpu_parts
+        )
         time.sleep(1.0)
         sink_final = sink.counters()
         statuses = pl.statuses()
@@ -708,13 +735,15 @@ class Relay:
             return False
 
     def report(self, r: dict[str, Any]) -> None:
+        parts = r.get("server_cpu_parts_s") or {}
+        by_role = " (" + ", ".join(f"{k} {v}" for k, v in parts.items()) + ")" if parts else ""
         if r.get("drain"):
             say(
                 f"{r['server']:<8} s={r['sessions']:<3} {r['messages']} msgs accepted and held "
                 f"in {r['source_seconds']} s; released, all delivered after {r['seconds']} s = "
                 f"{r['msg_per_s']} msg/s (sink complete {r['sink_complete_s']} s, server's "
                 f"record {r['server_complete_s']} s; sink {r['sink']['messages']} msgs in "
-                f"{r['sink']['sessions']} sessions; server CPU {r['server_cpu_s']} s; "
+                f"{r['sink']['sessions']} sessions; server CPU {r['server_cpu_s']} s{by_role}; "
                 f"other {r['other_cpu_pct']}%)"
             )
             return
@@ -724,7 +753,7 @@ class Relay:
             f"{r['seconds']} s = {r['msg_per_s']} msg/s end to end (sink complete "
             f"{r['sink_complete_s']} s, server's record {r['server_complete_s']} s; "
             f"sink {r['sink']['messages']} msgs in {r['sink']['sessions']} sessions; "
-            f"server CPU {r['server_cpu_s']} s; other {r['other_cpu_pct']}%)"
+            f"server CPU {r['server_cpu_s']} s{by_role}; other {r['other_cpu_pct']}%)"
         )
 
     # -- smoke: small runs, with the sink dumping every message ---------------------------------
@@ -968,6 +997,11 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep Postlane databases")
+    p.add_argument(
+        "--postlane-only",
+        action="store_true",
+        help="skip Postfix (to study Postlane; no ratio is printed)",
+    )
     return p.parse_args()
 
 
@@ -1029,7 +1063,8 @@ def main() -> int:
             bench.smoke()
         for s in [int(v) for v in args.sessions.split(",") if v.strip()]:
             for rep in range(1, args.repeat + 1):
-                results["runs"].append(bench.postfix_run(s, args.messages, f"s{s}-{rep}"))
+                if not args.postlane_only:
+                    results["runs"].append(bench.postfix_run(s, args.messages, f"s{s}-{rep}"))
                 results["runs"].append(bench.postlane_run(s, args.messages, f"s{s}-{rep}"))
         results["dns_queries"] = len(dns.queries)
         results["dns_query_kinds"] = sorted({f"{n} {t}" for n, t in dns.queries})
