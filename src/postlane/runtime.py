@@ -19,7 +19,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from postlane import logs
+from postlane import heap, logs
 from postlane.config import Settings
 from postlane.errors import InvalidInput
 from postlane.store import Database
@@ -187,6 +187,7 @@ async def serve(
             await role.start()
             started.append(role)
         loop.add_signal_handler(signal.SIGHUP, _reload, started)
+        heap.settle()  # what the started roles hold lives as long as the process
         names = ", ".join(r.name for r in started) or "no roles yet"
         log.info("postlane running (%s); database %s", names, db.url)
         print("postlane running: " + names, flush=True)
