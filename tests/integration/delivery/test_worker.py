@@ -623,6 +623,31 @@ def test_test_mode_renders_but_sends_nothing(env: Env) -> None:
     assert receiver.messages == [] and receiver.sessions == 0
 
 
+def test_options_are_parsed_once_per_stored_text_and_each_message_keeps_its_own(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[object] = []
+    real = SendOptions.from_json.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[SendOptions], data: object) -> SendOptions:
+        parsed.append(data)
+        return real(cls, data)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(SendOptions, "from_json", classmethod(counting))
+    plain = [env.message(f"p{n}@example.test") for n in range(3)]
+    tested = [env.message(f"t{n}@example.test", options={"test_mode": True}) for n in range(2)]
+    receiver = Receiver()
+    run(deliver(env, receiver))
+
+    assert len(parsed) == 2  # five messages, two distinct stored options
+    assert sorted(m.recipients for m in receiver.messages) == [
+        (f"p{n}@example.test",) for n in range(3)
+    ]
+    for message_id in plain + tested:
+        assert {r.status for r in env.recipients(message_id).values()} == {"delivered"}
+    assert all(env.events(m, "delivered")[0].data.get("test") for m in tested)
+
+
 def test_suppressed_address_is_not_sent(env: Env) -> None:
     with env.db.begin() as conn:
         suppression_store.add_suppression(

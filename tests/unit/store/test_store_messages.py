@@ -46,3 +46,21 @@ def test_recipient_counts(db: Database, account: Account) -> None:
 def test_get_message_names_what_is_missing(db: Database) -> None:
     with db.connect() as conn, pytest.raises(NotFound, match="message 'NOPE' not found"):
         message_store.get_message(conn, "NOPE")
+
+
+def test_options_come_as_their_stored_text_and_parse_back(db: Database, account: Account) -> None:
+    options = {"tags": ["spring", "ünï"], "track_opens": True, "variables": {"a": [1, 2]}}
+    write(
+        db,
+        new_message(account.id, "O1", options=options),
+        new_message(account.id, "O2", options=options),
+        new_message(account.id, "O3", options={}),
+    )
+    with db.connect() as conn:
+        found = message_store.get_messages(conn, ["O1", "O2", "O3"])
+        single = message_store.get_message(conn, "O1")
+    assert isinstance(found["O1"].options_json, str)
+    assert found["O1"].options_json == found["O2"].options_json == single.options_json
+    assert found["O1"].options == options and single.options == options
+    assert found["O3"].options == {}
+    assert found["O1"].options is not found["O1"].options  # a new dict each time: never shared
