@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import ssl
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Literal, TypeVar, cast
 
@@ -72,6 +73,7 @@ __all__ = [
     "ConnectionRefused",
     "OutboundConnection",
     "OutboundError",
+    "ResultHook",
     "SessionRefused",
     "TlsHandshakeFailed",
     "TlsPolicy",
@@ -80,7 +82,11 @@ __all__ = [
 ]
 
 TlsPolicy = Literal["opportunistic", "required", "none"]
+# Called with a message's result before the connection writes on; False holds its output.
+ResultHook = Callable[[TransactionResult], bool]
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 class OutboundError(PostlaneError):
@@ -212,6 +218,8 @@ class _Session(asyncio.Protocol):
         self._tls: asyncio.Future[TlsReady | Reply] | None = None
         self._auth: asyncio.Future[Authenticated | AuthFailed] | None = None
         self.sends: deque[asyncio.Future[TransactionResult]] = deque()
+        self.on_result: dict[asyncio.Future[TransactionResult], ResultHook] = {}
+        self.held = False  # output kept back until release() (a ResultHook said so)
         self.resets: deque[asyncio.Future[Reply]] = deque()
         self._quit: asyncio.Future[None] | None = None
 
@@ -250,7 +258,11 @@ class _Session(asyncio.Protocol):
         engine = self.engine
         while (event := engine.next_event()) is not None:
             if isinstance(event, TransactionResult):
-                _resolve(self.sends.popleft(), event)
+                future = self.sends.popleft()
+                hook = self.on_result.pop(future, None)
+                if hook is not None and not _go_on(hook, event):
+                    self.held = True
+                _resolve(future, event)
             elif isinstance(event, Reply):
                 command = event.command
                 if command == "RSET":
@@ -281,6 +293,7 @@ class _Session(asyncio.Protocol):
                 future.exception()  # nobody may be waiting; do not log it as unretrieved
         self.resets.clear()
         self.sends.clear()
+        self.on_result.clear()
         if self._quit is not None:
             _resolve(self._quit, None)
         transport = self.transport
@@ -310,6 +323,9 @@ class _Session(asyncio.Protocol):
     # -- output and time ----------------------------------------------------------------
 
     def flush(self) -> None:
+        if self.held:
+            self._arm()
+            return
         data = self.engine.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
@@ -398,6 +414,15 @@ class _Session(asyncio.Protocol):
         await self._quit
 
 
+def _go_on(hook: ResultHook, result: TransactionResult) -> bool:
+    """The hook's word; a hook that fails holds the output (its caller must look and release)."""
+    try:
+        return hook(result)
+    except Exception:
+        log.exception("a result hook failed; the connection's output is held")
+        return False
+
+
 def _resolve(future: asyncio.Future[_T], value: _T) -> None:
     if not future.done():  # the waiter may have been cancelled
         future.set_result(value)
@@ -474,10 +499,44 @@ class OutboundConnection:
         (or what ended the session) only if the connection was over before.
         The options are :meth:`ClientConnection.send_message`'s.
         """
+        return await self.submit(
+            mail_from,
+            recipients,
+            data,
+            smtputf8=smtputf8,
+            eight_bit=eight_bit,
+            size=size,
+            crlf_only=crlf_only,
+        )
+
+    def submit(
+        self,
+        mail_from: str,
+        recipients: Iterable[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
+        eight_bit: bool = False,
+        size: int | None = None,
+        crlf_only: bool = False,
+        on_result: ResultHook | None = None,
+    ) -> asyncio.Future[TransactionResult]:
+        """Queue one message on the connection; the future of its result.
+
+        :meth:`send` without the wait, so a caller can queue the next message
+        while this one is under way: its commands then go out with this one's
+        content, one round trip per message. ``on_result``, when given, is
+        called with the result as soon as it is read, before anything more
+        is written on the connection; if it returns False, nothing more is
+        written until :meth:`release` (the delivery worker journals an
+        accepted copy there before the next copy may leave).
+        """
         session = self._session
         self._check_open()
         future: asyncio.Future[TransactionResult] = asyncio.get_running_loop().create_future()
         session.sends.append(future)
+        if on_result is not None:
+            session.on_result[future] = on_result
         try:
             session.engine.send_message(
                 mail_from,
@@ -490,9 +549,17 @@ class OutboundConnection:
             )
         except BaseException:
             session.sends.remove(future)
+            session.on_result.pop(future, None)
             raise
         session.pump()  # sends the commands; a local refusal has its result already
-        return await future
+        return future
+
+    def release(self) -> None:
+        """Write what a result hook held back (a no-op when nothing is held)."""
+        session = self._session
+        if session.held:
+            session.held = False
+            session.flush()
 
     async def reset(self) -> Reply:
         """RSET, e.g. before reusing a cached connection; returns the server's reply.

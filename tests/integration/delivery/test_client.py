@@ -43,6 +43,7 @@ from postlane.delivery.client import (
     TlsRequired,
     connect,
 )
+from postlane.delivery.client_protocol import TransactionResult
 from postlane.delivery.sasl import Credentials
 from postlane.errors import PostlaneError
 from postlane.smtp import protocol as p
@@ -434,6 +435,49 @@ def test_concurrent_sends_are_pipelined_and_answered_in_order(run: Runner[Any]) 
         ]
         # The next envelope travelled with the previous message's content.
         assert any(b".\r\nMAIL FROM:" in read for read in server.reads)
+
+    run(scenario())
+
+
+def test_a_result_hook_runs_before_the_next_content_and_can_hold_it(run: Runner[Any]) -> None:
+    """What the delivery worker's journal relies on: a hook sees each result first."""
+
+    async def scenario() -> None:
+        server = EngineServer()
+        port = await server.start()
+        seen: list[tuple[int, int]] = []  # (message, messages the server had by then)
+
+        def hook(n: int) -> Callable[[TransactionResult], bool]:
+            def on_result(result: TransactionResult) -> bool:
+                assert result.delivered == [f"r{n}@example.com"]
+                seen.append((n, len(server.messages)))
+                if n == 3:
+                    raise RuntimeError("a hook that fails holds the output too")
+                return n != 1  # message 1's hook holds the output
+
+            return on_result
+
+        try:
+            async with await open_to(port) as conn:
+                futures = [
+                    conn.submit(SENDER, [f"r{n}@example.com"], BODY, on_result=hook(n))
+                    for n in range(6)
+                ]
+                await futures[1]
+                await asyncio.sleep(0.2)  # long enough for message 2 to arrive, were it sent
+                assert len(server.messages) == 2 and not futures[2].done()
+                conn.release()
+                await futures[3]
+                await asyncio.sleep(0.2)
+                assert len(server.messages) == 4 and not futures[4].done()
+                conn.release()
+                conn.release()  # nothing held: a no-op
+                results = await asyncio.gather(*futures)
+        finally:
+            await server.stop()
+        assert [r.delivered for r in results] == [[f"r{n}@example.com"] for n in range(6)]
+        # each hook ran before the next message's content reached the server
+        assert seen == [(n, n + 1) for n in range(6)]
 
     run(scenario())
 

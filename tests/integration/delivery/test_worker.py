@@ -582,6 +582,33 @@ def test_a_connection_sends_its_next_copy_only_once_the_last_is_written_down(env
     assert {r.status for r in env.recipients(message_id).values()} == {"delivered"}
 
 
+def test_when_the_journal_fails_the_next_copy_waits_for_the_database_row(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: OutcomeJournal, delivery: queue.Delivery) -> int:
+        raise StoreError("cannot write the delivery journal: disk full")
+
+    monkeypatch.setattr(OutcomeJournal, "append", broken)
+    addresses = [f"w{i}@example.test" for i in range(6)]
+    message_id = env.message(*addresses)
+    unrecorded: list[tuple[str, list[str]]] = []
+
+    def check(copy: Delivered) -> None:
+        earlier = [m.recipients[0] for m in receiver.messages]
+        rows = env.recipients(message_id)
+        late = [a for a in earlier if rows[a].status != "delivered"]
+        if late:
+            unrecorded.append((copy.recipients[0], late))
+
+    receiver = Receiver(on_message=check)
+    run(deliver(env, receiver))
+
+    assert receiver.sessions == 1
+    assert sorted(m.recipients[0] for m in receiver.messages) == sorted(addresses)
+    assert unrecorded == []
+    assert {r.status for r in env.recipients(message_id).values()} == {"delivered"}
+
+
 def test_null_mx_fails_and_servfail_defers(env: Env) -> None:
     null_id = env.message("x@nullmx.test")
     broken_id = env.message("y@broken.test")
