@@ -20,12 +20,13 @@ One :class:`DeliveryWorker` per process (the ``delivery`` role). Its loop:
    idle one kept from an earlier batch to the same hosts when it still
    answers RSET (:mod:`~postlane.delivery.connection_cache`,
    ``delivery.connection_cache_seconds``), else a new one — and send the
-   copies over it one after another, the group spread over several
-   connections (see *Traffic shaping*); record each outcome.
+   copies over it in order, pipelined (each copy's commands travel with the
+   previous copy's content), the group spread over several connections (see
+   *Traffic shaping*); record each outcome.
 
 A copy the receiver accepted is written to the worker's journal
 (:mod:`~postlane.delivery.outcome_journal`, a local file) before the next
-copy goes out on that connection, and its database row follows in the
+copy's content goes out on that connection, and its database row follows in the
 background. A worker killed mid-batch therefore resends at most the one copy
 each connection was sending; the sweep records a dead worker's journal
 before it reclaims that worker's rows, and writes again this worker's own
