@@ -554,6 +554,14 @@ class OutboundConnection:
         session.pump()  # sends the commands; a local refusal has its result already
         return future
 
+    def abort(self, reason: str) -> None:
+        """End the session at once, without QUIT: nothing more queued on it is sent.
+
+        Messages still queued get their results as when a connection is lost
+        (a local ``451 4.4.2`` with ``reason``).
+        """
+        self._session.abort(reason)
+
     def release(self) -> None:
         """Write what a result hook held back (a no-op when nothing is held)."""
         session = self._session

@@ -1112,23 +1112,28 @@ class DeliveryWorker:
                 queued.append(exc)
         results: list[TransactionResult | BaseException] = []
         recording: list[asyncio.Future[None]] = []
-        for index, (job, waiting) in enumerate(zip(jobs, queued, strict=True)):
-            result: TransactionResult | BaseException
-            if isinstance(waiting, BaseException):
-                result = waiting
-            else:
-                try:
-                    result = await waiting
-                except Exception as exc:
-                    result = exc
-            results.append(result)
-            # a result the hook never saw (an error) guards nothing; one it failed on, all
-            journaled, entry = journal.pop(index, (not isinstance(result, TransactionResult), None))
-            task = asyncio.ensure_future(self._record_outcome(job, host, result, entry))
-            recording.append(task)
-            if not journaled:
-                await asyncio.wait([task])
-                connection.release()
+        try:
+            for index, (job, waiting) in enumerate(zip(jobs, queued, strict=True)):
+                result: TransactionResult | BaseException
+                if isinstance(waiting, BaseException):
+                    result = waiting
+                else:
+                    try:
+                        result = await waiting
+                    except Exception as exc:
+                        result = exc
+                results.append(result)
+                # a result the hook never saw (an error) guards nothing; one it failed on, all
+                default = (not isinstance(result, TransactionResult), None)
+                journaled, entry = journal.pop(index, default)
+                task = asyncio.ensure_future(self._record_outcome(job, host, result, entry))
+                recording.append(task)
+                if not journaled:
+                    await asyncio.wait([task])
+                    connection.release()
+        except asyncio.CancelledError:  # stopping: the copies still queued must not go out
+            connection.abort("delivery stopped")
+            raise
         await asyncio.gather(*recording)
         return results
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.policy
 import functools
 import json
@@ -600,6 +601,37 @@ def test_when_the_journal_fails_the_next_copy_waits_for_the_database_row(
 
     monkeypatch.setattr(OutcomeJournal, "append", broken)
     assert copies_taken_too_early(env, journal_counts=False) == []
+
+
+def test_a_group_cancelled_mid_connection_sends_none_of_its_queued_copies(env: Env) -> None:
+    """Stopping cancels groups still sending: what was queued on the connection stays home."""
+    addresses = [f"c{i}@example.test" for i in range(8)]
+    message_id = env.message(*addresses)
+    worker: DeliveryWorker | None = None
+
+    def cancel_at_the_second(copy: Delivered) -> None:
+        if len(receiver.messages) == 1 and worker is not None:  # the second copy arrives
+            for task in worker._groups:
+                task.cancel()
+
+    receiver = Receiver(on_message=cancel_at_the_second)
+
+    async def scenario() -> None:
+        nonlocal worker
+        port = await receiver.start()
+        try:
+            worker = DeliveryWorker(env.settings(port), env.db, MASTER)
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker.run_once()
+            await asyncio.sleep(0.3)  # anything still queued would arrive by now
+        finally:
+            await receiver.stop()
+
+    run(scenario())
+    # the second copy, and at most the next one already on the wire when the cancel landed
+    assert 2 <= len(receiver.messages) <= 3
+    statuses = [r.status for r in env.recipients(message_id).values()]
+    assert statuses.count("sending") >= len(addresses) - 3  # their leases run out, then retried
 
 
 def test_null_mx_fails_and_servfail_defers(env: Env) -> None:
