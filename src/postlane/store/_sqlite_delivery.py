@@ -5,7 +5,9 @@ bench/relay run, one transaction, CPU of the calling thread): writing them
 delivered through SQLAlchemy's execution path cost 33 us per recipient, the
 same statements on the sqlite3 cursor 12 us; leasing them, 14.7 and 9.1 us.
 Both run in write transactions, holding SQLite's one write lock, which
-intake's commits wait for.
+intake's commits wait for. Reading a batch's messages (500 of 10 KiB, a
+read, records built) took 27.6-28.5 us per message through SQLAlchemy and
+16.9-18.3 on the cursor.
 
 The statements are the ones :mod:`postlane.store.queue` makes through
 SQLAlchemy (printed from it), with values converted exactly as the column
@@ -27,7 +29,7 @@ from sqlalchemy.engine import Connection
 from postlane.errors import StoreError
 from postlane.store._sqlite_intake import cursor_of, when
 
-__all__ = ["lease", "mark_delivered"]
+__all__ = ["get_messages", "lease", "mark_delivered"]
 
 _CHUNK = 500  # ids per SELECT, as queue's
 
@@ -64,6 +66,50 @@ _EVENT = (
     "INSERT INTO events (account_id, message_id, recipient_id, type, created_at, data) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+
+_MESSAGES = (
+    "SELECT id, account_id, smtp_user_id, mail_from, header_from, message_id_header, "
+    "subject, size, CAST(options AS TEXT), client_ip, tls, received_at, raw "
+    "FROM messages WHERE id IN ({ids})"
+)
+#: A message row, in :class:`postlane.store.messages.MessageRecord`'s field order:
+#: id, account id, SMTP user id, MAIL FROM, header From, Message-ID, subject,
+#: size, options (their JSON text), client IP, TLS, received_at, raw.
+MessageRow = tuple[
+    str,
+    int,
+    int | None,
+    str,
+    str,
+    str | None,
+    str | None,
+    int,
+    str,
+    str | None,
+    str | None,
+    datetime,
+    bytes,
+]
+
+
+def get_messages(conn: Connection, message_ids: Sequence[str]) -> list[MessageRow]:
+    """The stored messages among ``message_ids`` (distinct), in no particular order."""
+    cursor = cursor_of(conn)
+    found: list[MessageRow] = []
+    try:
+        for start in range(0, len(message_ids), _CHUNK):
+            chunk = message_ids[start : start + _CHUNK]
+            sql = _MESSAGES.format(ids=", ".join("?" * len(chunk)))
+            found += [
+                (*row[:8], row[8] or "{}", row[9], row[10], _instant(row[11]), row[12])
+                for row in cursor.execute(sql, chunk)
+            ]
+    except sqlite3.Error as e:
+        raise StoreError(f"database error: {e}") from e
+    finally:
+        cursor.close()
+    return found
 
 
 def lease(

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from postlane.errors import NotFound
+from postlane.store import _sqlite_delivery
 from postlane.store.schema import events, messages, recipients
 
 
@@ -87,8 +88,16 @@ def get_messages(conn: Connection, message_ids: Sequence[str]) -> dict[str, Mess
     """The messages of ``message_ids`` that exist, by id: one query per 500 ids.
 
     For the delivery worker, which needs every message of a leased batch:
-    one message at a time was a query (and a thread hop) per recipient.
+    one message at a time was a query (and a thread hop) per recipient. On
+    SQLite the query runs on the driver's cursor (:mod:`._sqlite_delivery`).
     """
+    if conn.dialect.name == "sqlite":
+        rows = _sqlite_delivery.get_messages(conn, list(dict.fromkeys(message_ids)))
+        return {row[0]: MessageRecord(*row) for row in rows}
+    return _get_messages_core(conn, message_ids)
+
+
+def _get_messages_core(conn: Connection, message_ids: Sequence[str]) -> dict[str, MessageRecord]:
     found: dict[str, MessageRecord] = {}
     for chunk in _chunks(message_ids):
         for row in conn.execute(sa.select(*_MESSAGE_COLUMNS).where(messages.c.id.in_(chunk))):

@@ -6,9 +6,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from test_store_intake import new_message, write
 from test_store_queue import MINUTE, T0, enqueue, lease
 
 from postlane.store import Account, Database, _sqlite_delivery
+from postlane.store import messages as message_store
+from postlane.store.messages import _get_messages_core
 from postlane.store.queue import _lease_core, _mark_delivered_core, lease_due
 
 
@@ -156,3 +159,33 @@ def test_both_paths_lease_the_same_rows_the_same_way(
     assert ours == sorted(theirs, key=lambda x: (x.domain, x.priority, x.next_attempt_at, x.id))
     assert len(ours) == min(limit, 5)  # LATER is not due
     assert all(x.next_attempt_at.tzinfo is UTC and x.expires_at.tzinfo is UTC for x in ours)
+
+
+def test_messages_read_on_the_cursor_are_what_sqlalchemy_reads(
+    sqlite_db: Database, account: Account
+) -> None:
+    whole = datetime(2024, 5, 1, 8, 0, 0, tzinfo=UTC)  # no microseconds
+    write(
+        sqlite_db,
+        new_message(account.id, "M1", options={"tags": ["ä"], "variables": {"a": [1]}}),
+        new_message(
+            account.id,
+            "M2",
+            received_at=whole,
+            options={},
+            subject=None,
+            client_ip=None,
+            tls=None,
+            raw=b"\x00\xff bytes\r\n",
+        ),
+        *(new_message(account.id, f"N{n:04d}") for n in range(600)),  # two chunks of ids
+    )
+    ids = ["M1", "M2", "MISSING", "M1", *(f"N{n:04d}" for n in range(600))]
+    with sqlite_db.connect() as conn:
+        fast = message_store.get_messages(conn, ids)
+        core = _get_messages_core(conn, ids)
+    assert fast == core
+    assert len(fast) == 602
+    assert fast["M2"].received_at == whole and fast["M2"].received_at.tzinfo is not None
+    assert fast["M2"].raw == b"\x00\xff bytes\r\n" and fast["M2"].options == {}
+    assert fast["M1"].options == {"tags": ["ä"], "variables": {"a": [1]}}
