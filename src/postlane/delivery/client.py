@@ -217,8 +217,8 @@ class _Session(asyncio.Protocol):
         self._ready: asyncio.Future[Capabilities] = self._loop.create_future()
         self._tls: asyncio.Future[TlsReady | Reply] | None = None
         self._auth: asyncio.Future[Authenticated | AuthFailed] | None = None
-        self.sends: deque[asyncio.Future[TransactionResult]] = deque()
-        self.on_result: dict[asyncio.Future[TransactionResult], ResultHook] = {}
+        # each queued message's future, with the hook to call on its result first
+        self.sends: deque[tuple[asyncio.Future[TransactionResult], ResultHook | None]] = deque()
         self.held = False  # output kept back until release() (a ResultHook said so)
         self.resets: deque[asyncio.Future[Reply]] = deque()
         self._quit: asyncio.Future[None] | None = None
@@ -258,8 +258,7 @@ class _Session(asyncio.Protocol):
         engine = self.engine
         while (event := engine.next_event()) is not None:
             if isinstance(event, TransactionResult):
-                future = self.sends.popleft()
-                hook = self.on_result.pop(future, None)
+                future, hook = self.sends.popleft()
                 if hook is not None and not _go_on(hook, event):
                     self.held = True
                 _resolve(future, event)
@@ -287,13 +286,13 @@ class _Session(asyncio.Protocol):
 
     def _on_closed(self, event: Closed) -> None:
         self.closed = event
-        for future in (self._ready, self._tls, self._auth, *self.resets, *self.sends):
+        sends = (future for future, _ in self.sends)
+        for future in (self._ready, self._tls, self._auth, *self.resets, *sends):
             if future is not None and not future.done():
                 future.set_exception(self.error())
                 future.exception()  # nobody may be waiting; do not log it as unretrieved
         self.resets.clear()
         self.sends.clear()
-        self.on_result.clear()
         if self._quit is not None:
             _resolve(self._quit, None)
         transport = self.transport
@@ -534,9 +533,7 @@ class OutboundConnection:
         session = self._session
         self._check_open()
         future: asyncio.Future[TransactionResult] = asyncio.get_running_loop().create_future()
-        session.sends.append(future)
-        if on_result is not None:
-            session.on_result[future] = on_result
+        session.sends.append((future, on_result))
         try:
             session.engine.send_message(
                 mail_from,
@@ -548,8 +545,7 @@ class OutboundConnection:
                 crlf_only=crlf_only,
             )
         except BaseException:
-            session.sends.remove(future)
-            session.on_result.pop(future, None)
+            session.sends.remove((future, on_result))
             raise
         session.pump()  # sends the commands; a local refusal has its result already
         return future

@@ -1498,7 +1498,7 @@ class DeliveryWorker:
         measured under bench/relay, one transaction and fsync per delivered
         recipient was the delivery role's largest cost and starved intake of
         SQLite's single write lock. A connection does not wait for this: a
-        delivery is in the journal before its next copy goes out
+        delivery is in the journal before the next copy's content goes out
         (:meth:`_send_all`). Deliveries (most outcomes) are written together
         by :func:`~postlane.store.queue.mark_delivered_many`, the rest one by one.
         """
