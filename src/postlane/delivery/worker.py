@@ -131,6 +131,7 @@ from postlane.delivery.client import (
     AuthenticationFailed,
     OutboundConnection,
     OutboundError,
+    ResultHook,
     TlsHandshakeFailed,
     TlsPolicy,
     connect,
@@ -1097,7 +1098,7 @@ class DeliveryWorker:
         connection = host.connection
         journal: dict[int, tuple[bool, tuple[queue.Delivery, int] | None]] = {}
 
-        def noted(index: int, job: _Job) -> Callable[[TransactionResult], bool]:
+        def noted(index: int, job: _Job) -> ResultHook:
             def on_result(result: TransactionResult) -> bool:
                 journal[index] = self._journal_delivery(job, host, result)
                 return journal[index][0]
@@ -1367,7 +1368,7 @@ class DeliveryWorker:
             return await attempt("none")
 
     def _submit(
-        self, host: _Host, job: _Job, on_result: Callable[[TransactionResult], bool]
+        self, host: _Host, job: _Job, on_result: ResultHook
     ) -> asyncio.Future[TransactionResult]:
         return host.connection.submit(
             job.mail_from,

@@ -133,39 +133,25 @@ class Database:
         the next write opens another.
         """
         if self._writer is None:
-            with self._begin() as conn:
+            with _store_errors(), self._connect_for_writing() as conn, conn.begin():
                 yield conn
             return
         with self._writer.held():
             if self._writing is None:
-                self._writing = self._connect_writer()
+                self._writing = self._connect_for_writing()
             conn = self._writing
             try:
-                with conn.begin():
+                with _store_errors(), conn.begin():
                     yield conn
-            except BaseException as e:
+            except BaseException:
                 self._writing = None
                 conn.close()
-                if isinstance(e, exc.DBAPIError):
-                    raise StoreError(f"database error: {_reason(e)}") from e
                 raise
 
-    def _connect_writer(self) -> Connection:
-        try:
+    def _connect_for_writing(self) -> Connection:
+        with _store_errors():
             conn = self._engine.connect()
-        except exc.DBAPIError as e:
-            raise StoreError(f"database error: {_reason(e)}") from e
         return conn.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
-
-    @contextmanager
-    def _begin(self) -> Iterator[Connection]:
-        try:
-            with self._engine.connect() as conn:
-                conn.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
-                with conn.begin():
-                    yield conn
-        except exc.DBAPIError as e:
-            raise StoreError(f"database error: {_reason(e)}") from e
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
@@ -175,11 +161,8 @@ class Database:
         writer. Anything that writes should use :meth:`begin` instead. A
         database failure escapes as :class:`StoreError`, as from :meth:`begin`.
         """
-        try:
-            with self._engine.connect() as conn:
-                yield conn
-        except exc.DBAPIError as e:
-            raise StoreError(f"database error: {_reason(e)}") from e
+        with _store_errors(), self._engine.connect() as conn:
+            yield conn
 
     def dispose(self) -> None:
         """Close every pooled connection (on shutdown, or after a fork)."""
@@ -196,6 +179,15 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({self.url})"
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """A driver's failure as :class:`StoreError` (the driver's exception its ``__cause__``)."""
+    try:
+        yield
+    except exc.DBAPIError as e:
+        raise StoreError(f"database error: {_reason(e)}") from e
 
 
 def _parse(url: str) -> URL:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,45 +60,47 @@ def test_sqlite_begin_takes_the_write_lock_at_once(tmp_path: Path) -> None:
         db.dispose()
 
 
-def _migrated(path: Path) -> Database:
-    db = Database.from_url(f"sqlite:///{path}")
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    """A migrated SQLite database, whatever kinds the suite runs on."""
+    db = Database.from_url(f"sqlite:///{tmp_path / 'p.db'}")
     upgrade(db)
-    return db
+    try:
+        yield db
+    finally:
+        db.dispose()  # a second dispose, after a test's own, changes nothing
 
 
 def _driver_connection(conn: sa.Connection) -> object:
     return conn.connection.driver_connection
 
 
-def test_sqlite_writes_share_one_connection_until_one_fails(tmp_path: Path) -> None:
-    db = _migrated(tmp_path / "kept.db")
-    try:
-        with db.begin() as conn:
-            create_account(conn, "one")
-            first = _driver_connection(conn)
-        pool = db.engine.pool
-        assert isinstance(pool, sa.pool.QueuePool)
-        assert pool.checkedout() == 1  # kept out of the pool between writes
-        with db.begin() as conn:
-            create_account(conn, "two")
-            assert _driver_connection(conn) is first
-        with pytest.raises(RuntimeError, match="boom"):
-            _create_then_fail(db, "dropped")
-        with pytest.raises(StoreError), db.begin() as conn:
-            conn.exec_driver_sql("SELECT * FROM no_such_table")
-        assert pool.checkedout() == 0  # a failure gives the connection up
-        with db.begin() as conn:  # the failed ones rolled back; this one starts afresh
-            create_account(conn, "three")
-            # no open transaction was left behind on the connection of the failure
-            assert conn.exec_driver_sql("SELECT count(*) FROM accounts").scalar() == 3
-        with db.connect() as conn:
-            assert sorted(a.name for a in list_accounts(conn)) == ["one", "three", "two"]
-    finally:
-        db.dispose()
+def test_sqlite_writes_share_one_connection_until_one_fails(sqlite_db: Database) -> None:
+    db = sqlite_db
+    with db.begin() as conn:
+        create_account(conn, "one")
+        first = _driver_connection(conn)
+    pool = db.engine.pool
+    assert isinstance(pool, sa.pool.QueuePool)
+    assert pool.checkedout() == 1  # kept out of the pool between writes
+    with db.begin() as conn:
+        create_account(conn, "two")
+        assert _driver_connection(conn) is first
+    with pytest.raises(RuntimeError, match="boom"):
+        _create_then_fail(db, "dropped")
+    with pytest.raises(StoreError), db.begin() as conn:
+        conn.exec_driver_sql("SELECT * FROM no_such_table")
+    assert pool.checkedout() == 0  # a failure gives the connection up
+    with db.begin() as conn:  # the failed ones rolled back; this one starts afresh
+        create_account(conn, "three")
+        # no open transaction was left behind on the connection of the failure
+        assert conn.exec_driver_sql("SELECT count(*) FROM accounts").scalar() == 3
+    with db.connect() as conn:
+        assert sorted(a.name for a in list_accounts(conn)) == ["one", "three", "two"]
 
 
-def test_sqlite_kept_writer_connection_is_closed_by_dispose(tmp_path: Path) -> None:
-    db = _migrated(tmp_path / "closed.db")
+def test_sqlite_kept_writer_connection_is_closed_by_dispose(sqlite_db: Database) -> None:
+    db = sqlite_db
     with db.begin() as conn:
         create_account(conn, "one")
         kept = _driver_connection(conn)
@@ -107,24 +110,19 @@ def test_sqlite_kept_writer_connection_is_closed_by_dispose(tmp_path: Path) -> N
         kept.execute("SELECT 1")
 
 
-def test_sqlite_writer_connection_serves_writes_from_other_threads(tmp_path: Path) -> None:
-    db = _migrated(tmp_path / "threads.db")
-
+def test_sqlite_writer_connection_serves_writes_from_other_threads(sqlite_db: Database) -> None:
     def write(name: str) -> None:
-        with db.begin() as conn:
+        with sqlite_db.begin() as conn:
             create_account(conn, name)
 
-    try:
-        write("main")
-        workers = [threading.Thread(target=write, args=(f"t{i}",)) for i in range(4)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
-        with db.connect() as conn:
-            assert sorted(a.name for a in list_accounts(conn)) == ["main", "t0", "t1", "t2", "t3"]
-    finally:
-        db.dispose()
+    write("main")
+    workers = [threading.Thread(target=write, args=(f"t{i}",)) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    with sqlite_db.connect() as conn:
+        assert sorted(a.name for a in list_accounts(conn)) == ["main", "t0", "t1", "t2", "t3"]
 
 
 def test_sqlite_reads_do_not_block_a_writer(tmp_path: Path) -> None:
