@@ -783,7 +783,7 @@ def queue_release(
     domain: _QueueDomain = None,
     all_: _QueueAll = False,
 ) -> None:
-    """Put held rows back in the queue, due now.
+    """Put held rows back in the queue, due when they were due before the hold.
 
     Example: postlane queue release --account acme
     """

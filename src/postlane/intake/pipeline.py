@@ -119,6 +119,35 @@ def effective_priority(sender: Sender, options: SendOptions) -> int:
     return min(user_level, options.priority)
 
 
+def _schedule(
+    options: SendOptions, asked: dict[str, Any], now: datetime, lifetime: timedelta
+) -> tuple[datetime, datetime]:
+    """When the recipients are first due, and when they expire; MessageRejected if never.
+
+    ``asked`` is what the message's own headers set, so a reply can tell a
+    header's mistake from a default's.
+    """
+    start = options.scheduled_at if options.scheduled_at and options.scheduled_at > now else now
+    try:
+        expires = options.expires_at or start + lifetime
+    except OverflowError:
+        source = "X-NextLaunchTime or X-Mailgun-Deliver-By"
+        if "scheduled_at" not in asked:
+            source = "the launch time in the account's or SMTP user's default options"
+        raise MessageRejected(
+            550, "5.6.0", f"The launch time ({start:%Y-%m-%d} UTC) is too far ahead: check {source}"
+        ) from None
+    if expires <= start:
+        when = f"{expires:%Y-%m-%d %H:%M:%S} UTC"
+        source = "X-LaunchExpireTime"
+        if "expires_at" not in asked:
+            source = "the expiry of the account's or SMTP user's default options"
+        raise MessageRejected(
+            550, "5.6.0", f"The message expires ({when}) before it can be sent: check {source}"
+        )
+    return start, expires
+
+
 def dedupe_key(
     account_id: int, message_id: str, mail_from: str, recipients: tuple[str, ...]
 ) -> str:
@@ -186,16 +215,7 @@ def accept(
     )
 
     priority = effective_priority(sender, options)
-    start = options.scheduled_at if options.scheduled_at and options.scheduled_at > now else now
-    expires = options.expires_at or start + limits.max_queue_lifetime
-    if expires <= start:
-        when = f"{expires:%Y-%m-%d %H:%M:%S} UTC"
-        raise MessageRejected(
-            550,
-            "5.6.0",
-            f"The message expires ({when}) before it can be sent: "
-            "check X-LaunchExpireTime or X-Mailgun-Deliver-By",
-        )
+    start, expires = _schedule(options, parsed.partial, now, limits.max_queue_lifetime)
     recipients = tuple(
         NewRecipient(
             address=address,

@@ -29,6 +29,11 @@ __all__ = [
 
 _READERS: Final = (itpison._read, omnivery._read, mailgun._read, standard._read)
 _CONTROL_PREFIXES: Final = ("x-ov-", "x-mailgun-")
+# Data the sender attaches to the message, which both vendors deliver with it:
+# Mailgun's docs say X-Mailgun-Variables "will be included in the MIME of the
+# delivered email", and Omnivery's that X-OV-Template-Variables, "unlike
+# X-OV-Variables", is not passed in the message headers.
+_DELIVERED: Final = frozenset({"x-ov-variables", "x-mailgun-variables"})
 _ACCUMULATED: Final = ("tags", "unhandled")
 
 
@@ -39,7 +44,8 @@ class ParsedOptions:
     ``control_headers`` holds the lower-cased names of the headers present that
     instruct Postlane rather than the recipient; they are removed before the
     message is stored so they never leak to recipients. Priority headers are
-    not among them: the recipient's mail client uses them too.
+    not among them: the recipient's mail client uses them too; nor are the
+    variables headers, which both vendors deliver with the message.
     """
 
     partial: dict[str, Any]
@@ -50,6 +56,8 @@ class ParsedOptions:
 def is_control_header(name: str) -> bool:
     """Whether a header instructs Postlane and so must not reach the recipient."""
     key = name.lower()
+    if key in _DELIVERED:
+        return False
     return key.startswith(_CONTROL_PREFIXES) or key in itpison.HEADERS
 
 

@@ -8,6 +8,7 @@ the same way and a customer sees one vocabulary whatever headers they use.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, tzinfo
@@ -29,7 +30,8 @@ YES_NO_TRUE_FALSE: Final = {**YES_NO, "true": True, "false": False}
 YES_NO_TRUE_FALSE_1_0: Final = {**YES_NO_TRUE_FALSE, "1": True, "0": False}
 
 _MASK = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
-_MINUS_ZERO = re.compile(r"\s-0000(?:\s|\(|$)")
+_AFTER_TIME = re.compile(r"\d:\d\d(?::\d\d)?(.*)$")  # what follows an RFC 5322 time
+_COMMENT = re.compile(r"\([^()]*\)")
 
 
 class BadValue(Exception):
@@ -119,14 +121,47 @@ def when(value: str, tz: tzinfo, *, iso: bool = True) -> datetime:
         except (ValueError, TypeError, IndexError):
             accepted = "an ISO 8601 or RFC 5322 date and time" if iso else "an RFC 5322 date"
             raise BadValue(f"expected {accepted}, got {raw!r}") from None
-        if moment.tzinfo is None and _MINUS_ZERO.search(raw):
-            moment = moment.replace(tzinfo=UTC)  # RFC 5322 3.3: -0000 is UTC
+        if moment.tzinfo is None:
+            moment = _rfc5322_zone(moment, raw)
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=tz)
+        moment = _local(moment, tz, raw)
     try:
         return moment.astimezone(UTC)
     except (OverflowError, ValueError):
         raise BadValue(f"is out of range, got {raw!r}") from None
+
+
+def _rfc5322_zone(moment: datetime, raw: str) -> datetime:
+    """The zone the email package could not read: -0000, nothing, or a mistake.
+
+    ``parsedate_to_datetime`` returns a naive time both for a date written
+    without a zone and for a zone word it does not know ("CET"), and RFC 5322
+    would read the unknown word as -0000. A launch time hours away from what
+    the customer meant is worse than a refusal, so only -0000 (UTC) and no
+    zone at all (the account's zone) are taken.
+    """
+    found = _AFTER_TIME.search(raw)
+    zone = _COMMENT.sub("", found.group(1)).strip() if found else ""
+    if not zone:
+        return moment
+    if zone == "-0000":
+        return moment.replace(tzinfo=UTC)  # RFC 5322 3.3: -0000 is UTC
+    raise BadValue(f"unknown time zone {zone!r} in {raw!r}; give a numeric offset such as +0100")
+
+
+def _local(moment: datetime, tz: tzinfo, raw: str) -> datetime:
+    """``moment`` on the account's clock, refusing a time that clock skips or repeats."""
+    early, late = moment.replace(tzinfo=tz), moment.replace(tzinfo=tz, fold=1)
+    if early.utcoffset() == late.utcoffset():
+        return early
+    # The two readings differ only around a change of offset: if the time
+    # survives a round trip through UTC it happened twice, otherwise never.
+    repeated = early.astimezone(UTC).astimezone(tz).replace(tzinfo=None) == moment
+    what = "happens twice" if repeated else "does not exist"
+    raise BadValue(
+        f"{raw!r} {what} in the account's time zone {tz} (its clocks change then);"
+        " write the time with its UTC offset"
+    )
 
 
 def _iso(raw: str) -> datetime | None:
@@ -151,10 +186,10 @@ def json_object(value: str) -> dict[str, Any]:
     if len(raw) > MAX_JSON_CHARS:
         raise BadValue(f"is longer than {MAX_JSON_CHARS} characters")
     try:
-        parsed = json.loads(raw, parse_constant=_refuse_constant)
+        parsed = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
     except json.JSONDecodeError as exc:
         raise BadValue(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except _NotJson as exc:
+    except ValueError as exc:  # ours, or int()'s limit on a number's digits
         raise BadValue(f"invalid JSON: {exc}") from None
     except RecursionError:
         raise BadValue(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
@@ -210,6 +245,15 @@ class _NotJson(ValueError):
 
 def _refuse_constant(name: str) -> Any:
     raise _NotJson(f"{name} is not a JSON number")
+
+
+def _finite(literal: str) -> float:
+    # JSON has no infinity, but 1e400 parses to one, and nothing downstream
+    # (the options model, the database's JSON) can hold it.
+    number = float(literal)
+    if math.isinf(number):
+        raise _NotJson(f"{literal} is too large for a JSON number")
+    return number
 
 
 def _too_deep(value: object) -> bool:

@@ -43,9 +43,19 @@ HEADERS: Final = frozenset(_NAMES)
 
 @dataclass(frozen=True, slots=True)
 class _Mask:
+    """One option mask: what its bits are called and which of them Postlane acts on.
+
+    A mask whose ``states_all`` is set is the message's whole word on its
+    switches, as the option value of an OMICard job is: a bit left clear turns
+    its switch off even where the account's or user's defaults turned it on.
+    X-LinkOption's bits only forbid tracking, so a clear bit there leaves the
+    decision to the defaults and the other dialects.
+    """
+
     key: str
     names: Mapping[int, str]
     acts: Mapping[int, tuple[str, bool]]
+    states_all: bool = True
 
 
 _MASKS: Final = (
@@ -85,10 +95,12 @@ _MASKS: Final = (
             128: ("track_clicks", False),
             512: ("track_mailto_links", False),
         },
+        states_all=False,
     ),
 )
 
-_SMS_SENDS: Final = {2: "SMS first", 3: "SMS", 4: "email and SMS"}
+_SMS_SENDS: Final = {2: "SMS first", 4: "email and SMS"}
+_SMS_ONLY: Final = 3
 
 
 def parse(
@@ -153,6 +165,10 @@ def _read_mask(reading: Reading, key: str, raw_masks: dict[str, int]) -> int | N
 
 def _apply_bits(reading: Reading, spec: _Mask, number: int) -> None:
     name = reading.name(spec.key)
+    if spec.states_all:
+        for bit, (field, value) in spec.acts.items():
+            if not number & bit:
+                reading.set(field, not value, spec.key)
     for bit in _bits(number):
         if bit in spec.acts:
             field, value = spec.acts[bit]
@@ -164,7 +180,13 @@ def _apply_bits(reading: Reading, spec: _Mask, number: int) -> None:
 def _apply_send_option(reading: Reading, number: int) -> None:
     # Email only (0) and email first (1) both mean "send this email": nothing to record.
     channel = number & bits.SEND_LIST_MASK
-    if channel in _SMS_SENDS:
+    if channel == _SMS_ONLY:
+        # Sending the email would be doing something the customer did not ask for.
+        reading.problem(
+            "x-sendoption",
+            f"{channel} ({bits.SEND_OPTION[channel]}) asks for SMS only; Postlane sends email only",
+        )
+    elif channel in _SMS_SENDS:
         reading.note(
             f"X-SendOption {channel} {bits.SEND_OPTION[channel]} ({_SMS_SENDS[channel]})"
             " — email is sent only via email channel"

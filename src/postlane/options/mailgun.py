@@ -41,7 +41,7 @@ _NAMES: Final = {
     )
 }
 
-_CLICKS: Final = ("yes", "no", "htmlonly")
+_HTML_ONLY: Final = ("yes", "no", "htmlonly")
 
 
 def parse(
@@ -67,8 +67,9 @@ def _read(headers: Sequence[tuple[str, str]], tz: tzinfo) -> Reading:
     _read_tracking(reading)
     reading.take("recipient_variables", "x-mailgun-recipient-variables", recipient_variables)
     reading.take("variables", "x-mailgun-variables", json_object)
-    # "Deliver by" is a deadline: past it the message must not go out at all.
-    reading.take("expires_at", "x-mailgun-deliver-by", partial(when, tz=tz, iso=False))
+    # Mailgun's scheduled delivery over SMTP (the API's o:deliverytime): the
+    # time the message is to go out, not a deadline.
+    reading.take("scheduled_at", "x-mailgun-deliver-by", partial(when, tz=tz, iso=False))
     reading.take("require_tls", "x-mailgun-require-tls", partial(flag, words=YES_NO_TRUE_FALSE))
     reading.take("template", "x-mailgun-template-name", text)
     reading.take("template_variables", "x-mailgun-template-variables", json_object)
@@ -77,13 +78,20 @@ def _read(headers: Sequence[tuple[str, str]], tz: tzinfo) -> Reading:
 
 def _read_tracking(reading: Reading) -> None:
     yes_no = partial(flag, words=YES_NO)
-    clicks = reading.value("x-mailgun-track-clicks", partial(choice, allowed=_CLICKS))
-    if clicks == "htmlonly":
-        # Postlane rewrites links in every part it can; it has no HTML-only mode.
-        reading.note("X-Mailgun-Track-Clicks htmlonly — treated as yes")
+    general = _yes_no_html_only(reading, "x-mailgun-track")
+    clicks = _yes_no_html_only(reading, "x-mailgun-track-clicks")
     set_tracking(
         reading,
-        general=("x-mailgun-track", reading.value("x-mailgun-track", yes_no)),
+        general=("x-mailgun-track", general),
         opens=("x-mailgun-track-opens", reading.value("x-mailgun-track-opens", yes_no)),
-        clicks=("x-mailgun-track-clicks", None if clicks is None else clicks != "no"),
+        clicks=("x-mailgun-track-clicks", clicks),
     )
+
+
+def _yes_no_html_only(reading: Reading, key: str) -> bool | None:
+    # Mailgun's o:tracking and o:tracking-clicks take htmlonly too; Postlane
+    # rewrites links in every part it can and has no HTML-only mode.
+    word = reading.value(key, partial(choice, allowed=_HTML_ONLY))
+    if word == "htmlonly":
+        reading.note(f"{reading.name(key)} htmlonly — treated as yes")
+    return None if word is None else word != "no"

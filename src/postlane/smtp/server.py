@@ -366,6 +366,12 @@ class SmtpSession(asyncio.Protocol):
         except MessageRejected as exc:
             self._rejected(exc.code, exc.enhanced, exc.text, queue_id)
             return
+        except Exception:
+            # A fault of ours, not the client's: it may send again later, and
+            # it must hear so rather than lose the connection mid-transaction.
+            log.exception("session=%s queue_id=%s intake failed", self.session_id, queue_id)
+            self._rejected(451, "4.3.0", "Local error in processing, try again later", queue_id)
+            return
         self._go_async(self._commit(message, len(event.recipients)))
 
     def _build(self, event: p.MessageReceived, queue_id: str, now: Any) -> NewMessage:

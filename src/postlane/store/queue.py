@@ -721,8 +721,13 @@ def release(
     domain: str | None = None,
     all_: bool = False,
 ) -> int:
-    """Put held rows back in the queue, due now: ``queued``."""
-    values = {"status": "queued", "next_attempt_at": now}
+    """Put held rows back in the queue, ``queued``, due when they were due before the hold.
+
+    A scheduled message keeps its launch time and a deferred row its backoff;
+    a row whose time passed while it was held is due at once. ``retry`` is
+    the command that makes a row due now.
+    """
+    values = {"status": "queued"}
     return _act(conn, now, ids, account_id, domain, all_, ("held",), values, "released")
 
 

@@ -124,6 +124,9 @@ def test_mailgun_template_header_sends_the_rendered_template(
     assert isinstance(copy, EmailMessage)
     assert copy["Subject"] == "Welcome, Ann"
     assert copy["X-Mailgun-Template-Name"] is None  # option headers never leave
+    assert copy["X-Mailgun-Template-Variables"] is None
+    # ... but the message's variables do, as Mailgun delivers them.
+    assert json.loads(copy["X-Mailgun-Variables"]) == {"name": "nobody", "team": "Acme"}
     text, page = copy.iter_parts()
     assert text.get_content().strip() == "Hello Ann, welcome to Acme."
     assert page.get_content().strip() == "<p>Hello Ann, welcome to Acme.</p>"

@@ -353,6 +353,21 @@ def test_headers_override_user_defaults_field_by_field() -> None:
     assert options.track_clicks is True
 
 
+def test_a_list_or_job_mask_turns_off_what_defaults_turned_on() -> None:
+    # An OMICard mask is the message's whole word on its switches: X-ListOption
+    # 32 without bit 1 means "rewrite To", whatever the user's defaults say.
+    user = make_user(default_options={"keep_to": True, "archive_copy": True, "track_opens": False})
+    options = run(
+        make_message("X-ListOption: 32", "X-JobOption: 0", "X-LinkOption: 0"),
+        sender=make_sender(user=user),
+    ).options
+    assert options.keep_to is False
+    assert options.remove_unsubscribed is True
+    assert options.archive_copy is False
+    # LinkOption's bits only forbid tracking: a clear bit leaves the default.
+    assert options.track_opens is False
+
+
 def test_trusted_network_sender_gets_account_options_only() -> None:
     sender = make_sender(account=make_account(track_opens=True), user=False)
     accepted = run(sender=sender, authenticated=False)
@@ -497,6 +512,42 @@ def test_expiry_already_past_is_rejected() -> None:
         run(data)
     assert caught.value.enhanced.startswith("5.6.")
     assert "X-LaunchExpireTime" in caught.value.text
+
+
+def test_deliver_by_schedules_the_send() -> None:
+    accepted = run(make_message("X-Mailgun-Deliver-By: Thu, 02 May 2024 09:30:00 +0000"))
+    (recipient,) = accepted.message.recipients
+    start = datetime(2024, 5, 2, 9, 30, tzinfo=UTC)
+    assert recipient.next_attempt_at == start
+    assert recipient.expires_at == start + LIFETIME
+
+
+def test_deliver_by_in_the_past_sends_now() -> None:
+    accepted = run(make_message("X-Mailgun-Deliver-By: Wed, 01 May 2024 07:00:00 +0000"))
+    (recipient,) = accepted.message.recipients
+    assert recipient.next_attempt_at == NOW
+
+
+def test_launch_time_too_far_ahead_is_rejected() -> None:
+    # The default expiry (launch + lifetime) overflowed and the exception
+    # dropped the session without a reply.
+    with pytest.raises(MessageRejected) as caught:
+        run(make_message("X-NextLaunchTime: 9999-12-31T00:00:00Z"))
+    assert (caught.value.code, caught.value.enhanced) == (550, "5.6.0")
+    assert caught.value.text == (
+        "The launch time (9999-12-31 UTC) is too far ahead:"
+        " check X-NextLaunchTime or X-Mailgun-Deliver-By"
+    )
+
+
+def test_an_expiry_from_the_defaults_is_named_as_such() -> None:
+    user = make_user(default_options={"expires_at": "2024-05-02T00:00:00+00:00"})
+    with pytest.raises(MessageRejected) as caught:
+        run(make_message("X-NextLaunchTime: 2024-05-03T00:00:00Z"), sender=make_sender(user=user))
+    assert "X-LaunchExpireTime" not in caught.value.text
+    assert caught.value.text.endswith(
+        "check the expiry of the account's or SMTP user's default options"
+    )
 
 
 def test_default_expiry_follows_the_limits() -> None:

@@ -85,7 +85,46 @@ def test_manual_link_option_samples(value: str, expected: dict[str, Any]) -> Non
 def test_manual_list_option_samples(value: str, field: str) -> None:
     partial, problems = parse(("X-ListOption", value))
     assert problems == []
-    assert partial == {field: True, "raw_masks": {"X-ListOption": int(value)}}
+    assert partial == {
+        **_off("X-ListOption"),
+        field: True,
+        "raw_masks": {"X-ListOption": int(value)},
+    }
+
+
+# A JobOption or ListOption header states every switch it holds: a clear bit
+# turns its switch off. LinkOption's bits only forbid tracking.
+_SWITCHES = {
+    "X-JobOption": (
+        "html_to_text",
+        "text_to_html",
+        "convert_to_utf8",
+        "subject_from_html_title",
+        "archive_copy",
+        "delivery_receipt",
+        "read_receipt",
+    ),
+    "X-ListOption": (
+        "keep_to",
+        "keep_cc",
+        "remove_unsubscribed",
+        "remove_duplicates",
+        "remove_blacklisted",
+        "remove_bounced",
+        "bypass_list_filters",
+    ),
+}
+
+
+def _off(header: str) -> dict[str, bool]:
+    return dict.fromkeys(_SWITCHES.get(header, ()), False)
+
+
+@pytest.mark.parametrize("header", sorted(_SWITCHES))
+def test_a_zero_mask_turns_every_switch_it_holds_off(header: str) -> None:
+    partial, problems = parse((header, "0"))
+    assert problems == []
+    assert partial == {**_off(header), "raw_masks": {header: 0}}
 
 
 @pytest.mark.parametrize(
@@ -113,7 +152,7 @@ def test_manual_list_option_samples(value: str, field: str) -> None:
 def test_every_acted_on_bit(header: str, bit: int, field: str, value: bool) -> None:
     partial, problems = parse((header, str(bit)))
     assert problems == []
-    assert partial == {field: value, "raw_masks": {header: bit}}
+    assert partial == {**_off(header), field: value, "raw_masks": {header: bit}}
 
 
 def test_link_option_without_not_track_bits_asks_nothing_about_tracking() -> None:
@@ -144,7 +183,7 @@ def test_link_option_without_not_track_bits_asks_nothing_about_tracking() -> Non
 def test_unhandled_bits_are_named(header: str, bit: int, entry: str) -> None:
     partial, problems = parse((header, str(bit)))
     assert problems == []
-    assert partial == {"unhandled": (entry,), "raw_masks": {header: bit}}
+    assert partial == {**_off(header), "unhandled": (entry,), "raw_masks": {header: bit}}
 
 
 @pytest.mark.parametrize(
@@ -190,7 +229,6 @@ def test_send_option_email_is_fine(value: str) -> None:
             "2",
             "X-SendOption 2 cSDSendSubListFirst (SMS first) — email is sent only via email channel",
         ),
-        ("3", "X-SendOption 3 cSDSendSubListOnly (SMS) — email is sent only via email channel"),
         (
             "4",
             "X-SendOption 4 cSDSendBothList (email and SMS) — email is sent only via email channel",
@@ -202,6 +240,15 @@ def test_send_option_sms_values_are_recorded(value: str, entry: str) -> None:
     partial, problems = parse(("X-SendOption", value))
     assert problems == []
     assert partial["unhandled"] == (entry,)
+
+
+@pytest.mark.parametrize("value", ["3", str(3 | 32)])
+def test_send_option_sms_only_is_a_problem(value: str) -> None:
+    # Postlane has no SMS: sending the email would be doing what was not asked.
+    _, problems = parse(("X-SendOption", value))
+    assert "X-SendOption: 3 (cSDSendSubListOnly) asks for SMS only; Postlane sends email only" in (
+        problems
+    )
 
 
 def test_send_option_bits_above_the_list_mask_are_unknown() -> None:
@@ -302,6 +349,61 @@ def test_bad_times_are_problems(value: str) -> None:
     assert problems == [
         f"X-LaunchExpireTime: expected an ISO 8601 or RFC 5322 date and time, got {value!r}"
     ]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Wed, 01 May 2024 09:30:00 -0000",
+        "Wed, 01 May 2024 09:30:00-0000",
+        "Wed, 01 May 2024 09:30:00 -0000 (UTC)",
+    ],
+)
+def test_minus_zero_is_utc_however_spaced(value: str) -> None:
+    partial, problems = parse(("X-NextLaunchTime", value), tz=TAIPEI)
+    assert problems == []
+    assert partial == {"scheduled_at": datetime(2024, 5, 1, 9, 30, tzinfo=UTC)}
+
+
+@pytest.mark.parametrize("zone", ["CET", "FOO", "A"])
+def test_unknown_zone_is_a_problem_not_the_accounts_zone(zone: str) -> None:
+    value = f"Wed, 01 May 2024 09:30:00 {zone}"
+    partial, problems = parse(("X-NextLaunchTime", value), tz=TAIPEI)
+    assert partial == {}
+    assert problems == [
+        f"X-NextLaunchTime: unknown time zone {zone!r} in {value!r};"
+        " give a numeric offset such as +0100"
+    ]
+
+
+def test_a_comment_after_a_zone_less_time_is_no_zone() -> None:
+    partial, _ = parse(("X-NextLaunchTime", "Wed, 01 May 2024 09:30:00 (office)"), tz=TAIPEI)
+    assert partial == {"scheduled_at": datetime(2024, 5, 1, 1, 30, tzinfo=UTC)}
+
+
+@pytest.mark.parametrize(
+    ("value", "what"),
+    [
+        ("2024-03-10T02:30:00", "does not exist"),  # clocks go forward at 02:00
+        ("Sun, 10 Mar 2024 02:30:00", "does not exist"),
+        ("2024-11-03T01:30:00", "happens twice"),  # clocks go back at 02:00
+    ],
+)
+def test_zone_less_time_at_a_clock_change_is_a_problem(value: str, what: str) -> None:
+    partial, problems = parse(("X-NextLaunchTime", value), tz=ZoneInfo("America/New_York"))
+    assert partial == {}
+    assert problems == [
+        f"X-NextLaunchTime: {value!r} {what} in the account's time zone America/New_York"
+        " (its clocks change then); write the time with its UTC offset"
+    ]
+
+
+def test_time_at_a_clock_change_with_its_offset_is_fine() -> None:
+    partial, problems = parse(
+        ("X-NextLaunchTime", "2024-11-03T01:30:00-05:00"), tz=ZoneInfo("America/New_York")
+    )
+    assert problems == []
+    assert partial == {"scheduled_at": datetime(2024, 11, 3, 6, 30, tzinfo=UTC)}
 
 
 def test_time_out_of_range_is_a_problem() -> None:

@@ -63,10 +63,21 @@ def test_track_clicks_htmlonly_is_yes_and_noted() -> None:
     )
 
 
+def test_track_htmlonly_is_yes_and_noted() -> None:
+    assert parse(("X-Mailgun-Track", "htmlonly")) == (
+        {
+            "track_opens": True,
+            "track_clicks": True,
+            "unhandled": ("X-Mailgun-Track htmlonly — treated as yes",),
+        },
+        [],
+    )
+
+
 @pytest.mark.parametrize(
     ("header", "value", "problem"),
     [
-        ("X-Mailgun-Track", "true", "expected yes or no, got 'true'"),
+        ("X-Mailgun-Track", "true", "expected one of yes, no, htmlonly, got 'true'"),
         ("X-Mailgun-Track-Opens", "htmlonly", "expected yes or no, got 'htmlonly'"),
         (
             "X-Mailgun-Track-Clicks",
@@ -136,8 +147,10 @@ def test_template() -> None:
         ("Wed, 01 May 2024 09:30:00", datetime(2024, 5, 1, 1, 30, tzinfo=UTC)),  # Taipei
     ],
 )
-def test_deliver_by_is_the_expiry(value: str, expected: datetime) -> None:
-    assert parse(("X-Mailgun-Deliver-By", value), tz=TAIPEI) == ({"expires_at": expected}, [])
+def test_deliver_by_is_the_time_to_send(value: str, expected: datetime) -> None:
+    # Mailgun: "request a specific time for delivering messages ... Use the MIME
+    # header X-Mailgun-Deliver-By when sending via SMTP" (its o:deliverytime).
+    assert parse(("X-Mailgun-Deliver-By", value), tz=TAIPEI) == ({"scheduled_at": expected}, [])
 
 
 @pytest.mark.parametrize("value", ["2024-05-01T09:30:00+08:00", "tomorrow", "2024-05-01"])

@@ -153,6 +153,15 @@ def test_json_object_headers(header: str) -> None:
         ("true", "must be a JSON object, got boolean"),
         ("3", "must be a JSON object, got number"),
         ('{"x": Infinity}', "invalid JSON: Infinity is not a JSON number"),
+        # Numbers Python reads but no JSON consumer can hold: these escaped as
+        # exceptions and dropped the SMTP session.
+        ('{"x": 1e400}', "invalid JSON: 1e400 is too large for a JSON number"),
+        ('{"x": -1e400}', "invalid JSON: -1e400 is too large for a JSON number"),
+        (
+            '{"x": 1' + "0" * 4300 + "}",
+            "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion:"
+            " value has 4301 digits; use sys.set_int_max_str_digits() to increase the limit",
+        ),
     ],
 )
 @pytest.mark.parametrize("header", ["X-OV-Variables", "X-OV-Template-Variables"])

@@ -810,8 +810,15 @@ def test_hold_release_and_retry(db: Database, account: Account) -> None:
         assert release(conn, now=LATER + MINUTE, ids=everything) == 3
     for rid in (queued, deferred, held):
         assert row(db, rid)["status"] == "queued"
-        assert row(db, rid)["next_attempt_at"] == LATER + MINUTE
-    assert sorted(ids_of(lease(db, now=LATER + MINUTE))) == [queued, deferred, held]
+    # Released rows are due when they were due before the hold: the row held
+    # before its launch time still waits for it (release once made it due now).
+    assert [row(db, r)["next_attempt_at"] for r in (queued, deferred, held)] == [
+        LATER,
+        LATER,
+        T0 + timedelta(hours=5),
+    ]
+    assert sorted(ids_of(lease(db, now=LATER + MINUTE))) == [queued, deferred]
+    assert ids_of(lease(db, now=T0 + timedelta(hours=5))) == [held]
 
     assert [t for t, _ in queue_events(db, queued)] == ["retried", "held", "released"]
     assert [t for t, _ in queue_events(db, held)] == ["released"]

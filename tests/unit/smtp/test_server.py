@@ -1,8 +1,8 @@
-"""The session driver around STARTTLS, with the event loop's start_tls() faked.
+"""The session driver on a fake transport: STARTTLS, and a message intake cannot take.
 
 asyncio's own loop may hand the first decrypted bytes (the client's EHLO after
 the handshake) to the protocol before start_tls() has returned; those bytes
-must reach the engine, not be dropped.
+must reach the engine, not be dropped (start_tls() is faked for that).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from typing import Any
+
+import pytest
 
 from postlane.config import ListenerSettings
 from postlane.intake import pipeline
@@ -116,3 +118,37 @@ def test_plaintext_after_starttls_is_not_executed() -> None:
 
     written = asyncio.run(scenario())
     assert b"2.1.0" not in written  # the injected MAIL got no answer
+
+
+def test_a_fault_in_intake_is_a_temporary_failure_and_the_session_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug that escapes intake must not drop the connection without a reply.
+
+    Before, such an exception left data_received() and asyncio closed the
+    connection mid-transaction; the client saw a lost connection and no reason.
+    """
+
+    def broken(self: SmtpSession, *args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(SmtpSession, "_build", broken)
+    monkeypatch.setattr(SmtpSession, "_rcpt", lambda self, event: None)  # no relay check
+
+    async def scenario() -> FakeTransport:
+        session = _session()
+        transport = FakeTransport()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(
+            b"EHLO x\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+        )
+        session.data_received(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return transport
+
+    transport = asyncio.run(scenario())
+    replies = bytes(transport.written).split(b"\r\n")
+    assert b"451 4.3.0 Local error in processing, try again later" in replies
+    assert replies[-2].startswith(b"250 2.0.0")  # NOOP: the session goes on
+    assert not transport.closed
