@@ -52,10 +52,14 @@ def check_message(
     Date and RFC 5321 section 6.4 lets the submission server supply both, and
     these fields were already counted here, so the caller need not look again.
     """
-    if not eight_bit_allowed and not data.isascii():
-        raise MessageRejected(
-            550, "5.6.0", "Message contains 8-bit data but BODY=8BITMIME or SMTPUTF8 was not given"
-        )
+    if not data.isascii():
+        if not eight_bit_allowed:
+            raise MessageRejected(
+                550,
+                "5.6.0",
+                "Message contains 8-bit data but BODY=8BITMIME or SMTPUTF8 was not given",
+            )
+        _check_utf8_fields(section)
     marker = f"by {hostname} (Postlane)"
     hops = 0
     counts: dict[str, int] = {}
@@ -96,6 +100,25 @@ def check_message(
                 550, "5.6.0", "Date header is not a valid RFC 5322 date"
             ) from None
     return [spelling for name, spelling in _ADDED_WHEN_MISSING.items() if name not in counts]
+
+
+def _check_utf8_fields(section: HeaderSection) -> None:
+    """Refuse header text that is 8-bit but not UTF-8 (RFC 6532 allows only UTF-8).
+
+    Such a field cannot be stored as text, and accepting it would only turn
+    into a temporary failure at commit, on every retry the client makes.
+    """
+    for field in section.fields:
+        if not field.raw.isascii():
+            try:
+                field.raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MessageRejected(
+                    550,
+                    "5.6.0",
+                    f"{field.name} header is not valid UTF-8; write non-ASCII header text"
+                    " in UTF-8 or as an RFC 2047 encoded word",
+                ) from None
 
 
 def header_from_address(section: HeaderSection) -> str:

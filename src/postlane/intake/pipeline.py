@@ -191,10 +191,14 @@ def accept(
         raise MessageRejected(550, "5.7.1", problems[0].reason)
 
     names = {f.name.lower() for f in section.fields}
-    original_message_id = _first(section, "message-id")
+    # An empty Message-ID identifies nothing: it is replaced as a missing one is.
+    original_message_id = _first(section, "message-id") or None
     new_message_id = (
-        None if "message-id" in names else rewrite.make_message_id(queue_id, limits.hostname)
+        None if original_message_id else rewrite.make_message_id(queue_id, limits.hostname)
     )
+    remove = is_control_header
+    if new_message_id is not None and "message-id" in names:
+        remove = _control_or_message_id
     protocol = "ESMTP" + ("S" if envelope.tls else "") + ("A" if envelope.authenticated else "")
     received = rewrite.received_header(
         helo=envelope.helo,
@@ -208,7 +212,7 @@ def accept(
     raw = rewrite.rewrite(
         data,
         section,
-        remove=is_control_header,
+        remove=remove,
         received=received,
         date=rewrite.format_date(now) if "Date" in missing else None,
         message_id=new_message_id,
@@ -258,10 +262,23 @@ def accept(
     return Accepted(message, options, tuple(problems))
 
 
+def _control_or_message_id(name: str) -> bool:
+    return is_control_header(name) or name.lower() == "message-id"
+
+
 def _first(section: headers.HeaderSection, name: str) -> str | None:
+    """The first ``name`` field's value, as text the database can store.
+
+    Submissions with header bytes that are not UTF-8 were refused by the
+    checks; mail to a bounce domain is kept as received, so its undecodable
+    bytes become U+FFFD here (the stored message keeps the bytes).
+    """
     for f in section.fields:
         if f.name.lower() == name:
-            return f.value
+            value = f.value
+            if not value.isascii():
+                value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            return value
     return None
 
 

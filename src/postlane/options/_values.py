@@ -77,8 +77,8 @@ def http_url(value: str) -> str:
     problem = f"must be an absolute http or https URL, got {url!r}"
     if not url or any(ch.isspace() for ch in url):
         raise BadValue(problem)
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)  # ValueError for a bracketed host it cannot read
         parts.port  # noqa: B018 - urlsplit checks the port only when asked
     except ValueError:
         raise BadValue(problem) from None
@@ -118,6 +118,8 @@ def when(value: str, tz: tzinfo, *, iso: bool = True) -> datetime:
     if moment is None:
         try:
             moment = parsedate_to_datetime(raw)
+        except OverflowError:
+            raise BadValue(f"is out of range, got {raw!r}") from None
         except (ValueError, TypeError, IndexError):
             accepted = "an ISO 8601 or RFC 5322 date and time" if iso else "an RFC 5322 date"
             raise BadValue(f"expected {accepted}, got {raw!r}") from None

@@ -310,6 +310,17 @@ def test_malformed_option_header(server: PostlaneServer, header: str, value: str
         assert again.code == 250, again.text
 
 
+def test_header_text_that_is_not_utf8(server: PostlaneServer) -> None:
+    # It was accepted, then failed at commit: 451 at every retry, for ever.
+    latin1 = "Subject: café\r\n".encode("latin-1")
+    data = b"From: news@acme.com\r\nTo: reader@example.net\r\n" + latin1 + b"\r\nHello.\r\n"
+    with server.store.nothing_stored(), logged_in(server) as client:
+        sent = send(
+            client, "news@acme.com", ["reader@example.net"], data, mail_options=("BODY=8BITMIME",)
+        )
+    expect((sent.code, sent.text.encode()), 550, "5.6.0", "Subject header is not valid UTF-8")
+
+
 def test_declared_size_over_the_limit(server: PostlaneServer) -> None:
     with server.store.nothing_stored(), logged_in(server) as client:
         assert client.esmtp_features["size"] == str(MAX_SIZE)

@@ -30,9 +30,9 @@ def _check(data: bytes, *, eight_bit: bool = False, max_received: int = 30) -> l
     )
 
 
-def _rejected(data: bytes, *, max_received: int = 30) -> MessageRejected:
+def _rejected(data: bytes, *, max_received: int = 30, eight_bit: bool = False) -> MessageRejected:
     with pytest.raises(MessageRejected) as info:
-        _check(data, max_received=max_received)
+        _check(data, max_received=max_received, eight_bit=eight_bit)
     return info.value
 
 
@@ -149,6 +149,18 @@ def test_eight_bit_data_needs_the_parameter() -> None:
             "550 5.6.0 Message contains 8-bit data but BODY=8BITMIME or SMTPUTF8 was not given"
         )
         assert _check(data, eight_bit=True) == []
+
+
+def test_header_text_must_be_utf8_even_with_8bitmime() -> None:
+    # Latin-1 "café" in a header: once accepted, then 451 at every commit
+    # (the database cannot store text that is not UTF-8).
+    data = b"Keywords: caf\xe9 news\r\n" + HEADERS + b"\r\nBody\r\n"
+    exc = _rejected(data, eight_bit=True)
+    assert _reply(exc) == (
+        "550 5.6.0 Keywords header is not valid UTF-8; write non-ASCII header text"
+        " in UTF-8 or as an RFC 2047 encoded word"
+    )
+    assert _check("Keywords: café\r\n".encode() + HEADERS + b"\r\n\xe9\r\n", eight_bit=True) == []
 
 
 def test_header_from_address() -> None:

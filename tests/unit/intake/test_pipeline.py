@@ -269,6 +269,16 @@ def test_present_date_and_message_id_are_not_replaced() -> None:
     assert header_values(message.raw, "Message-ID") == ["<m1@acme.com>"]
 
 
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_an_empty_message_id_is_replaced(blank: str) -> None:
+    # It once went out as "Message-ID: " and the record had no identifier.
+    message = run(make_message(message_id=blank)).message
+    (message_id,) = header_values(message.raw, "Message-ID")
+    assert re.fullmatch(rf"<{QUEUE_ID}\.[0-9a-f]{{16}}@{re.escape(HOST)}>", message_id)
+    assert message.message_id_header == message_id
+    assert message.dedupe_key is None
+
+
 def test_only_the_missing_one_is_added() -> None:
     message = run(make_message(message_id=None)).message
     assert len(header_values(message.raw, "Date")) == 1
@@ -770,3 +780,16 @@ def test_inbound_over_tls_and_without_a_from() -> None:
     (received,) = header_values(message.raw, "Received")
     assert f" with ESMTPS id {QUEUE_ID};" in received
     assert message.event_data["recipients"] == ["a@bounce.acme.com", "b@bounce.acme.com"]
+
+
+def test_inbound_header_bytes_that_are_not_utf8_are_stored_as_replacement_characters() -> None:
+    # A remote MTA's bounce with a Latin-1 Subject: the text columns once held
+    # lone surrogates, which the database refuses, so the bounce got 451 forever.
+    data = b"From: MAILER-DAEMON@mx.example.org\r\nSubject: caf\xe9\r\n\r\nbody \xe9\r\n"
+    envelope = make_envelope(
+        data, mail_from="", recipients=("b@bounce.acme.com",), tls=None, authenticated=False
+    )
+    message = inbound(7, envelope, queue_id=QUEUE_ID, now=NOW, limits=LIMITS)
+    assert message.subject == "caf\ufffd"
+    message.subject.encode("utf-8")  # storable
+    assert split_received(message.raw)[1] == data  # the bytes themselves are kept

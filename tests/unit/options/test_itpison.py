@@ -411,6 +411,13 @@ def test_time_out_of_range_is_a_problem() -> None:
     assert problems == ["X-NextLaunchTime: is out of range, got '0001-01-01T00:00:00'"]
 
 
+def test_rfc5322_year_out_of_range_is_a_problem() -> None:
+    # The email package's OverflowError once escaped and dropped the session.
+    value = "Mon, 1 Jan 99999999999999999999 00:00:00 +0000"
+    _, problems = parse(("X-LaunchExpireTime", value))
+    assert problems == [f"X-LaunchExpireTime: is out of range, got {value!r}"]
+
+
 def test_expiry_before_launch_is_a_problem() -> None:
     partial, problems = parse(
         ("X-NextLaunchTime", "2024-05-02T00:00:00Z"),

@@ -213,6 +213,7 @@ def test_callback_url(url: str) -> None:
         "https://exa mple.com/",
         "https://example.com:99999/",
         "",
+        "https://[::1",  # urlsplit's own ValueError once escaped and dropped the session
     ],
 )
 def test_bad_callback_url(url: str) -> None:
