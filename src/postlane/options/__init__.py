@@ -103,6 +103,7 @@ def _combine(readings: list[Reading]) -> tuple[dict[str, Any], list[OptionError]
                 disputed.add(field)
     for field in disputed:
         del partial[field]
+    _note_not_built(partial, first)
     if "scheduled_at" in partial and "expires_at" in partial:
         problem = order_problem(
             partial["scheduled_at"],
@@ -114,6 +115,29 @@ def _combine(readings: list[Reading]) -> tuple[dict[str, Any], list[OptionError]
             problems.append(problem)
             del partial["expires_at"]
     return partial, problems
+
+
+# What a header may ask for that Postlane records but does not do yet.
+_NOT_BUILT: Final = {
+    "track_opens": "open tracking",
+    "track_clicks": "click tracking",
+    "track_mailto_links": "mailto link tracking",
+    "callback_url": "event callbacks",
+}
+
+
+def _note_not_built(partial: dict[str, Any], first: dict[str, tuple[str, Any]]) -> None:
+    """List a request for a feature Postlane lacks where unacted-on bits are listed.
+
+    Only a request to turn one on: a header that turns tracking off is obeyed.
+    """
+    notes = [
+        f"{first[field][0]} asks for {what} — Postlane does not do it yet"
+        for field, what in _NOT_BUILT.items()
+        if field in partial and partial[field] not in (False, None)
+    ]
+    if notes:
+        partial["unhandled"] = tuple(dict.fromkeys((*partial.get("unhandled", ()), *notes)))
 
 
 def _show(value: object) -> str:

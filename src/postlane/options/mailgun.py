@@ -90,7 +90,7 @@ def _read_tracking(reading: Reading) -> None:
 
 def _yes_no_html_only(reading: Reading, key: str) -> bool | None:
     # Mailgun's o:tracking and o:tracking-clicks take htmlonly too; Postlane
-    # rewrites links in every part it can and has no HTML-only mode.
+    # has no HTML-only mode, so it is recorded as a yes.
     word = reading.value(key, partial(choice, allowed=_HTML_ONLY))
     if word == "htmlonly":
         reading.note(f"{reading.name(key)} htmlonly — treated as yes")

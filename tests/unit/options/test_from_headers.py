@@ -147,7 +147,25 @@ def test_unhandled_entries_of_every_dialect_are_kept() -> None:
         "X-SendOption 4 cSDSendBothList (email and SMS) — email is sent only via email channel",
         "X-OV-Foo not recognised",
         "X-Mailgun-Track-Clicks htmlonly — treated as yes",
+        "X-Mailgun-Track-Clicks asks for click tracking — Postlane does not do it yet",
     )
+
+
+def test_asking_for_a_feature_postlane_lacks_is_listed_and_turning_it_off_is_not() -> None:
+    parsed, problems = read(
+        ("X-OV-tracking_open", "yes"),
+        ("X-LinkOption", "128"),
+        ("X-OV-Callback-URL", "https://hooks.example.com/e"),
+    )
+    assert problems == []
+    assert parsed.partial["unhandled"] == (
+        "X-OV-tracking_open asks for open tracking — Postlane does not do it yet",
+        "X-OV-Callback-URL asks for event callbacks — Postlane does not do it yet",
+    )
+    assert read(("X-Mailgun-Track", "no"))[0].partial == {
+        "track_opens": False,
+        "track_clicks": False,
+    }
 
 
 def test_control_headers_are_the_ones_present_lower_cased() -> None:
