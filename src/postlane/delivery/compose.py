@@ -19,7 +19,8 @@ and the design lay down, and each step's reason for its place:
 4. **To/Cc view**: each copy of a multi-recipient message shows its own To.
    Applied only when the message went to more than one envelope recipient or
    its To does not name this recipient; a one-recipient message addressed to
-   that recipient keeps its Cc as the sender wrote it.
+   that recipient keeps its To and Cc as the sender wrote them. Bcc and
+   Resent-Bcc never leave, on either path.
 5. **Attachment policy** of the account (zip, unzip or off).
 6. **DKIM**: last, because any byte changed after it breaks the signature.
 
@@ -37,12 +38,13 @@ from email.headerregistry import AddressHeader
 from typing import Final
 
 from postlane.errors import InvalidInput
+from postlane.intake.headers import Field
 from postlane.options.model import SendOptions
 from postlane.render.attachments import apply_attachment_policy
 from postlane.render.content import apply_content_options, header_section
 from postlane.render.dkim import DkimKey, Unsigned, prepare
 from postlane.render.personalise import substitute_recipient_variables
-from postlane.render.recipients_view import view_for
+from postlane.render.recipients_view import view_for, without_bcc
 from postlane.render.template_body import apply_template, template_variables
 from postlane.store.accounts import Account
 from postlane.store.templates import Template
@@ -113,8 +115,13 @@ def compose_unsigned(
         message = apply_template(message, template, template_variables(options))
     message = apply_content_options(message, options)
     message = substitute_recipient_variables(message, recipient, options.recipient_variables)
-    if recipients_in_message > 1 or not _to_names_only(message, recipient):
+    section = None if recipients_in_message > 1 else header_section(message)
+    if section is None or not _to_names_only(section.fields, recipient):
         message = view_for(message, recipient, keep_to=options.keep_to, keep_cc=options.keep_cc)
+    else:
+        # To and Cc stay as written, but a Bcc here would show the recipient
+        # who else was sent the message (and be signed below): it goes too.
+        message = without_bcc(message, section)
     message = apply_attachment_policy(
         message,
         account.attachment_policy,
@@ -124,16 +131,16 @@ def compose_unsigned(
     return prepare(message, dkim_keys, timestamp=timestamp)
 
 
-def _to_names_only(message: bytes, recipient: str) -> bool:
-    """Whether the message has one To field naming exactly ``recipient`` and nobody else."""
-    fields = [f for f in header_section(message).fields if f.name.lower() == "to"]
-    if len(fields) != 1:
+def _to_names_only(fields: Sequence[Field], recipient: str) -> bool:
+    """Whether ``fields`` hold one To field, naming exactly ``recipient`` and nobody else."""
+    to_fields = [f for f in fields if f.name.lower() == "to"]
+    if len(to_fields) != 1:
         return False
-    simple = _simple_address(fields[0].value)
+    simple = _simple_address(to_fields[0].value)
     if simple is not None:
         return simple.casefold() == recipient.casefold()
     try:
-        header = email.policy.SMTP.header_factory(fields[0].name, fields[0].value)
+        header = email.policy.SMTP.header_factory(to_fields[0].name, to_fields[0].value)
     except (HeaderParseError, ValueError, IndexError):
         return False
     if not isinstance(header, AddressHeader):

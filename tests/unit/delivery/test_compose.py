@@ -21,6 +21,7 @@ from postlane.delivery import compose as compose_module
 from postlane.delivery.compose import compose
 from postlane.errors import InvalidInput
 from postlane.options.model import SendOptions
+from postlane.render.content import header_section
 from postlane.render.dkim import DkimKey
 from postlane.store.accounts import Account
 
@@ -173,6 +174,48 @@ def test_single_recipient_named_in_to_keeps_cc() -> None:
     )
     assert out.endswith(raw)  # nothing but the signature added
     assert verifies(out, RSA)
+
+
+BLIND = [
+    b"Bcc: secret@example.test\r\n",
+    b"Bcc: Secret <secret@example.test>,\r\n other@example.test,\r\n\tthird@example.test\r\n",
+    b"Resent-Bcc: secret@example.test\r\n",
+    b"BCC: secret@example.test\r\n",
+]
+
+
+@pytest.mark.parametrize("blind", BLIND)
+def test_single_recipient_named_in_to_still_loses_bcc(blind: bytes) -> None:
+    """The one-recipient path keeps To and Cc as written, but no blind copy shows."""
+    head = b"From: news@shop.example\r\nTo: ann@example.test\r\nCc: boss@example.test\r\n"
+    tail = b"Subject: hi\r\n\r\nBody\r\n"
+    out = compose(
+        head + blind + tail,
+        recipient="ann@example.test",
+        options=SendOptions(),
+        account=account(),
+        dkim_keys=[RSA],
+        recipients_in_message=1,
+    )
+    assert out.endswith(head + tail)  # only the blind copies gone, the rest byte for byte
+    assert b"secret@" not in out and b"other@" not in out and b"third@" not in out
+    assert verifies(out, RSA)
+
+
+@pytest.mark.parametrize("blind", BLIND)
+def test_every_copy_of_a_multi_recipient_message_loses_bcc(blind: bytes) -> None:
+    raw = b"From: news@shop.example\r\nTo: ann@example.test\r\n" + blind + b"\r\nBody\r\n"
+    for recipient in ("ann@example.test", "secret@example.test"):
+        out = compose(
+            raw,
+            recipient=recipient,
+            options=SendOptions(keep_to=True, keep_cc=True),
+            account=account(),
+            dkim_keys=[RSA],
+            recipients_in_message=2,
+        )
+        assert b"Bcc" not in out and b"BCC" not in out
+        assert b"other@" not in out and b"third@" not in out
 
 
 def test_single_recipient_not_in_to_gets_own_to() -> None:
@@ -334,7 +377,8 @@ def test_to_names_only_agrees_with_the_email_parser(value: str) -> None:
     from postlane.delivery.compose import _to_names_only
 
     message = f"From: a@shop.example\r\nTo: {value}\r\nSubject: x\r\n\r\nbody\r\n".encode()
-    assert _to_names_only(message, "bob@example.org") == _parser_says(value, "bob@example.org")
+    fields = header_section(message).fields
+    assert _to_names_only(fields, "bob@example.org") == _parser_says(value, "bob@example.org")
 
 
 @pytest.mark.parametrize(

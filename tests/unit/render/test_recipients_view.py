@@ -10,7 +10,7 @@ from email.parser import BytesParser
 import pytest
 
 from postlane.errors import InvalidInput
-from postlane.render.recipients_view import view_for
+from postlane.render.recipients_view import view_for, without_bcc
 
 BODY = b"Line one\r\nLine two\r\n"
 
@@ -101,6 +101,55 @@ def test_bcc_is_always_removed(keep_to: bool, keep_cc: bool) -> None:
     assert "Bcc" not in header_names(view)
     if keep_to:  # the original To does not name dave, so nothing may
         assert b"dave@" not in view
+
+
+@pytest.mark.parametrize(("keep_to", "keep_cc"), [(False, False), (True, True)])
+def test_resent_bcc_is_always_removed(keep_to: bool, keep_cc: bool) -> None:
+    data = message(
+        ("From", "a@example.com"),
+        ("To", "ann@example.org"),
+        ("Resent-Bcc", "hidden@example.net"),
+        ("Subject", "S"),
+    )
+    view = view_for(data, "ann@example.org", keep_to=keep_to, keep_cc=keep_cc)
+    assert view == message(("From", "a@example.com"), ("To", "ann@example.org"), ("Subject", "S"))
+
+
+def test_folded_bcc_is_removed_with_its_continuation_lines() -> None:
+    data = message(
+        ("From", "a@example.com"),
+        ("To", "ann@example.org"),
+        ("Bcc", "one@example.net,\r\n two@example.net,\r\n\tthree@example.net"),
+        ("Subject", "S"),
+    )
+    view = view_for(data, "ann@example.org", keep_to=True, keep_cc=True)
+    assert view == message(("From", "a@example.com"), ("To", "ann@example.org"), ("Subject", "S"))
+
+
+def test_without_bcc_removes_bcc_and_resent_bcc_and_nothing_else() -> None:
+    data = message(
+        ("From", "a@example.com"),
+        ("BCC", "one@example.net,\r\n two@example.net"),
+        ("To", "ann@example.org, bob@example.org"),
+        ("Cc", "carol@example.org"),
+        ("Resent-Bcc", "three@example.net"),
+        ("Subject", "S"),
+    )
+    assert without_bcc(data) == message(
+        ("From", "a@example.com"),
+        ("To", "ann@example.org, bob@example.org"),
+        ("Cc", "carol@example.org"),
+        ("Subject", "S"),
+    )
+
+
+def test_without_bcc_returns_a_message_without_any_as_is() -> None:
+    data = message(("From", "a@example.com"), ("To", "ann@example.org"), ("Cc", "c@example.org"))
+    assert without_bcc(data) is data
+
+
+def test_without_bcc_as_the_last_field_without_line_break() -> None:
+    assert without_bcc(b"From: a@example.com\r\nBcc: b@example.org") == b"From: a@example.com\r\n"
 
 
 def test_bcc_recipient_sees_itself_in_to_with_its_name() -> None:
