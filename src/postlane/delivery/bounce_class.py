@@ -56,7 +56,34 @@ last the basic code: 421 throttled, other 4xx soft, other 5xx undetermined.
 A temporary reply is never a hard bounce: a 4xx that says "user unknown"
 (Postfix's ``soft_bounce``, address verification in progress) is soft.
 Only hard bounces suppress the address; a policy rejection says something
-about the sender, not the recipient, so it does not.
+about the sender, not the recipient, so it does not. For the same reason an
+explicit X.7.x code outranks a text that says the recipient does not exist
+(``550 5.7.1 Unknown user``): the code is the server's own statement that it
+refused on policy, the text is often a canned phrase, and with the two at odds
+there is no unambiguous evidence against the address. Such a reply is a
+policy rejection. The text still decides among the other kinds (a 5.7.1 that
+cites Spamhaus is reputation), since none of them suppresses.
+
+Whether a refusal should slow the destination down (:func:`throttles`) is a
+separate question from its kind, because receivers throttle in words that
+classify as something else: Yahoo's ``421 4.7.0 [TSS04] ... temporarily
+deferred due to unexpected volume or user complaints`` is reputation,
+Microsoft's ``451 4.7.650 ... temporarily rate limited due to IP reputation``
+too, Gmail's ``421 4.7.0 Temporary System Problem. Try again later`` falls to
+the X.7.x catch-all. Slowing down is cheap and recovers on its own, sending
+on at full rate into a receiver that pushes back costs reputation, so:
+
+- any 421 slows down: the server is closing the channel (RFC 5321 §4.2.2,
+  "service not available"), and whatever its words, the next connection at
+  the same pace meets the same answer. It is how receivers throttle most;
+- so does every reply classified ``throttled``, as before;
+- so does a temporary 4.7.x whose text speaks of rate, volume, "too many",
+  "slow down", "try again later" or a temporary deferral;
+- but not a temporary 4.7.x that names greylisting or TLS, whatever else it
+  says: greylisting holds one sender/recipient pair until its retry, and a
+  missing STARTTLS is not cured by sending slower, so halving the rate for
+  every recipient at that destination would only delay mail the receiver
+  is willing to take.
 """
 
 from __future__ import annotations
@@ -66,7 +93,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-__all__ = ["BounceKind", "Classification", "classify"]
+__all__ = ["BounceKind", "Classification", "classify", "throttles"]
 
 
 class BounceKind(StrEnum):
@@ -240,6 +267,14 @@ _CLASS_RULES: Final = (
     _Rule(_P, "security or policy status", _status(r"[45]\.7\.\d+")),
 )
 
+_POLICY_STATUS: Final = _status(r"[45]\.7\.\d+")
+# A temporary 4.7.x speaking of rate or a deferral to come, and what overrides it (throttles()).
+_SLOW_DOWN: Final = _text(
+    _RATE + r"|volume|slow(?:ing)? down|(?:try|again) later"
+    r"|temporar(?:il)?y deferred|deferred temporarily"
+)
+_NOT_RATE: Final = _text(r"grey ?list|gray ?list|\bstarttls\b|\btls\b|encryption")
+
 _ENHANCED: Final = re.compile(r"([45])\.(\d{1,3})\.(\d{1,3})")
 _LEADING_ENHANCED: Final = re.compile(r"\s*([45])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -283,6 +318,33 @@ def classify(code: int, enhanced: str | None, text: str) -> Classification:
             kind, reason = BounceKind.SOFT, f"{code} temporary failure"
     if kind is BounceKind.HARD and not permanent:
         kind, reason = BounceKind.SOFT, f"{reason} (temporary reply)"
+    if kind is BounceKind.HARD and status is not None and _POLICY_STATUS.fullmatch(status):
+        # Only a text rule can call an X.7.x hard; the code says policy (module notes).
+        kind, reason = BounceKind.POLICY, f"{status} policy refusal ({reason})"
     return Classification(
         kind=kind, permanent=permanent, suppress=kind is BounceKind.HARD, reason=reason
+    )
+
+
+def throttles(code: int, enhanced: str | None, text: str) -> bool:
+    """Whether a refusal asks us to send to its destination more slowly.
+
+    Same arguments as :func:`classify`; the rules and why they differ from
+    the ``throttled`` kind are in the module notes. A reply that is not a
+    failure (outside 400-599) throttles nothing.
+    """
+    if code == 421:
+        return True
+    if not 400 <= code <= 599:
+        return False
+    if classify(code, enhanced, text).kind is BounceKind.THROTTLED:
+        return True
+    if code >= 500:
+        return False
+    status = _enhanced(enhanced, text)
+    return (
+        status is not None
+        and status.startswith("4.7.")
+        and _SLOW_DOWN.search(text) is not None
+        and _NOT_RATE.search(text) is None
     )

@@ -379,14 +379,25 @@ def _classify(block: DsnRecipient) -> Classification:
     """Classify a DSN block: the SMTP reply code if given, else one made from the status.
 
     ``failed`` without any code is permanent (550); ``delayed`` temporary (450).
+    Some MTAs report every failure as ``Status: 5.0.0`` and quote the remote
+    reply, with its own enhanced code, in the diagnostic. That code is then
+    the one classified, as the worker would have classified the reply: a
+    ``550 5.7.1 Unknown user`` must not suppress the address because the
+    report's status said less than the server did.
     """
     code = block.reply_code
+    text = block.diagnostic_code or ""
+    if code is not None:
+        text = text[3:].lstrip(" -")  # the reply's text, where classify reads a leading code
     if code is None or not 400 <= code <= 599:
         if block.status and block.status[0] in "45":
             code = int(block.status[0]) * 100 + 50
         else:
             code = 550 if block.action == "failed" else 450
-    return classify(code, block.status, block.diagnostic_code or "")
+    status = block.status
+    if status is not None and status[1:] == ".0.0":
+        status = None  # generic: let the reply's own code, if any, speak
+    return classify(code, status, text)
 
 
 def _unmatched(reason: str, **extra: Any) -> dict[str, Any]:

@@ -63,9 +63,11 @@ more than ``messages_per_connection`` on one (a connection sends one copy
 at a time, so parallel connections are what keeps a destination busy). At
 most ``max_connections`` connections to the destination are open at once
 (waited for before a global ``concurrency`` slot is taken, so a busy destination never
-holds global slots idle). When a reply says the receiver throttles us, the
-shaper halves the destination's rate and the group's rows not yet sent are
-deferred locally; deliveries let the rate recover. A local deferral is our
+holds global slots idle). When a reply says the receiver throttles us
+(:func:`~postlane.delivery.bounce_class.throttles`), in a transaction or
+refusing the whole session (``421`` at the greeting or EHLO, the commonest
+way), the shaper halves the destination's rate and the group's rows not yet
+sent are deferred locally; deliveries let the rate recover. A local deferral is our
 decision, not the receiver's refusal: its event says ``"local": true``, it
 carries no bounce ``kind``, and it waits for the next slot rather than the
 backoff schedule, and it does not count as an attempt (``queue.reschedule``).
@@ -126,7 +128,7 @@ from postlane.config import Settings, SmarthostSettings, TransportSettings
 from postlane.crypto import SecretBox, derive_key
 from postlane.delivery import list_filter, outcome_journal, verp
 from postlane.delivery.backoff import next_attempt, parse_retry_hint
-from postlane.delivery.bounce_class import BounceKind, classify
+from postlane.delivery.bounce_class import classify, throttles
 from postlane.delivery.client import (
     AuthenticationFailed,
     OutboundConnection,
@@ -954,18 +956,17 @@ class DeliveryWorker:
 
     async def _deliver(self, domain: str, jobs: list[_Job], tls: TlsPolicy) -> None:
         target = await self._target(domain)
-        if isinstance(target, NullMx):
-            for job in jobs:
-                await self._fail(
-                    job.row, target.reason, {"status": target.status}, status=target.status
-                )
-            return
-        if isinstance(target, DnsFailure):
-            for job in jobs:
-                if target.temporary:
+        if isinstance(target, NullMx | DnsFailure):
+            if target.temporary:
+                for job in jobs:
                     await self._defer(job.row, target.reason, {"status": target.status})
-                else:
-                    await self._fail(job.row, target.reason, {"status": target.status})
+                return
+            # No mail can reach this domain: a hard bounce (5.1.10, 5.1.2) as
+            # a receiver's reply with that status would be, suppression included.
+            verdict = classify(550, target.status, target.reason)
+            failure = {"status": target.status, "kind": verdict.kind.value}
+            for job in jobs:
+                await self._fail(job.row, target.reason, failure, suppress=verdict.suppress)
             return
         if not target.relay:
             sts = await self._sts(domain, target.route)
@@ -1005,10 +1006,15 @@ class DeliveryWorker:
                 )
                 if not isinstance(host, _Host):
                     problem = shaped.unreachable = host
+                    refusal = problem.reply if isinstance(problem, OutboundError) else None
+                    if refusal is not None:
+                        # Decided before the slot is given up, as _adapt is below.
+                        self._slow_down_if_throttled(shaped, refusal)
                     data = {**target.details, "status": problem.status}
+                    hint = _retry_hint(refusal)
                     for job in jobs:
                         if problem.temporary:
-                            await self._defer(job.row, problem.reason, data)
+                            await self._defer(job.row, problem.reason, data, hint=hint)
                         else:
                             await self._fail(job.row, problem.reason, data)
                     return
@@ -1184,18 +1190,27 @@ class DeliveryWorker:
         """Tell the shaper how the destination took this connection's mail."""
         delivered = False
         for job, result in zip(jobs, results, strict=True):
-            if not isinstance(result, TransactionResult):
+            if isinstance(result, TransactionResult):
+                reply = result.outcome(job.row.address)
+            elif isinstance(result, OutboundError) and result.reply is not None:
+                reply = result.reply  # the session ended on this reply (a 421 mid-batch)
+            else:
                 continue
-            reply = result.outcome(job.row.address)
             if reply.code < 400:
                 delivered = True
-            elif not shaped.throttled and _throttled(reply):
-                shaped.throttled = True
-                self._shaper.throttled(shaped.dest)
-                rate = self._shaper.current_rate(shaped.dest)
-                log.info("%s throttles us: rate now %.1f/min", shaped.dest, rate)
+            else:
+                self._slow_down_if_throttled(shaped, reply)
         if delivered and not shaped.throttled:
             self._shaper.succeeded(shaped.dest)
+
+    def _slow_down_if_throttled(self, shaped: _Shaped, reply: Reply) -> None:
+        """Halve the destination's rate if ``reply`` says it throttles us; once per group."""
+        if shaped.throttled or not _throttled(reply):
+            return
+        shaped.throttled = True
+        self._shaper.throttled(shaped.dest)
+        rate = self._shaper.current_rate(shaped.dest)
+        log.info("%s throttles us (%s): rate now %.1f/min", shaped.dest, reply, rate)
 
     async def _target(self, domain: str) -> _Target | NullMx | DnsFailure:
         """Where ``domain``'s mail goes: its transport, else the smarthost, else its MX hosts."""
@@ -1280,10 +1295,14 @@ class DeliveryWorker:
         The problem is permanent only when every host had a permanent DNS
         failure (none exists or has an address) and they were the domain's
         own; any connection trouble or temporary DNS failure makes it
-        temporary.
+        temporary. A host that refused the session asking us to slow down is
+        reported rather than the last problem: that refusal is what the
+        destination's rate and the retry must hear, and a later host that
+        was merely unreachable says nothing about either.
         """
         route = target.route
         problem: DnsFailure | OutboundError | None = None
+        throttled: OutboundError | None = None
         temporary = False
         for mx in route.hosts:
             addresses: list[str] | DnsFailure
@@ -1307,10 +1326,14 @@ class DeliveryWorker:
                 except OutboundError as exc:
                     log.info("delivery to %s [%s] failed: %s", mx, address, exc.reason)
                     problem, temporary = exc, True
+                    if throttled is None and exc.reply is not None and _throttled(exc.reply):
+                        throttled = exc
                     continue
                 host = _Host.of(connection, mx)
                 host.details.update(target.details)
                 return host
+        if throttled is not None:
+            return throttled
         if problem is None:
             problem = DnsFailure(temporary=True, reason=f"{route.domain}: no hosts", status="4.4.4")
         if isinstance(problem, DnsFailure) and temporary and not problem.temporary:
@@ -1387,7 +1410,8 @@ class DeliveryWorker:
         row = job.row
         details = dict(host.details)
         if isinstance(result, OutboundError):
-            await self._defer(row, result.reason, {**details, "status": result.status})
+            data = {**details, "status": result.status}
+            await self._defer(row, result.reason, data, hint=_retry_hint(result.reply))
             return
         if isinstance(result, BaseException):
             log.error("sending recipient %d failed", row.id, exc_info=result)
@@ -1477,19 +1501,32 @@ class DeliveryWorker:
             await self._record(row, _rescheduling(row.id, self.owner, now, due, reason, data))
 
     async def _fail(
-        self, row: queue.Leased, reason: str, data: dict[str, Any], *, status: str | None = None
+        self,
+        row: queue.Leased,
+        reason: str,
+        data: dict[str, Any],
+        *,
+        status: str | None = None,
+        suppress: bool = False,
     ) -> None:
+        """Fail ``row`` for good; ``suppress`` also lists the address as a hard bounce."""
         now = self._clock()
         payload = dict(data)
         if status is not None:
             payload.setdefault("status", status)
         payload.setdefault("reason", reason)
-        await self._record(
-            row,
-            lambda conn: queue.mark_failed(
+
+        def fail(conn: Connection) -> bool:
+            done = queue.mark_failed(
                 conn, row.id, owner=self.owner, now=now, reply=reason, data=payload
-            ),
-        )
+            )
+            if done and suppress:
+                suppression_store.add_suppression(
+                    conn, row.account_id, row.address, "hard_bounce", reason, now=now
+                )
+            return done
+
+        await self._record(row, fail)
 
     async def _record(self, row: queue.Leased, write: _Write) -> None:
         """Record one outcome as soon as possible; a lost lease is logged, not an error.
@@ -1652,8 +1689,23 @@ def _list_returned(conn: Connection, row: queue.Leased, reply: str, now: datetim
 
 
 def _throttled(reply: Reply) -> bool:
-    """Whether a refusal says the receiver wants us to slow down (421, 4.7.x rate limits)."""
-    return classify(reply.code, reply.enhanced, reply.text).kind == BounceKind.THROTTLED
+    """Whether a refusal says the receiver wants us to slow down (421, 4.7.x rate limits).
+
+    A reply the client made up itself (a lost connection) is our words, not
+    the receiver's: it throttles nothing.
+    """
+    return not reply.local and throttles(reply.code, reply.enhanced, reply.text)
+
+
+def _retry_hint(reply: Reply | None) -> timedelta | None:
+    """The wait a server asked for as it ended the session ("421 ... try again in 30 minutes").
+
+    Read as the in-transaction path reads a 4xx; a reply the client made up
+    itself asks for nothing.
+    """
+    if reply is None or reply.local:
+        return None
+    return parse_retry_hint(reply.text)
 
 
 def _quick_to_compose(loaded: _Loaded) -> bool:

@@ -12,7 +12,9 @@ Runs on SQLite and on PostgreSQL.
 
 DNS: ``example.test`` → MX ``mx.test.example`` → 127.0.0.1 (the name the
 conftest's test CA certifies, so required TLS can verify it);
-``nullmx.test`` has a null MX; ``broken.test`` answers SERVFAIL.
+``nullmx.test`` has a null MX; ``broken.test`` answers SERVFAIL;
+``twomx.test`` has ``mx.test.example`` first and then ``down.test.example``
+(127.0.0.2, where nothing listens).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class Receiver:
     resets: int = 0
     server: asyncio.Server | None = None
     greeting_delay: float = 0.0  # seconds before the 220 banner (a slow server)
+    refusal: bytes | None = None  # sent instead of the 220 banner, then the connection closed
     on_message: Callable[[Delivered], None] | None = None  # called as each message arrives
     transports: list[asyncio.Transport] = field(default_factory=list)
 
@@ -140,6 +143,10 @@ class _ReceiverSession(asyncio.Protocol):
         self.transport = transport
         self.owner.sessions += 1
         self.owner.transports.append(transport)
+        if self.owner.refusal is not None:
+            transport.write(self.owner.refusal)
+            transport.close()
+            return
         if self.owner.greeting_delay:
             asyncio.get_running_loop().call_later(self.owner.greeting_delay, self.flush)
         else:
@@ -228,6 +235,8 @@ def worker_dns() -> Iterator[DnsServer]:
         ("example.test", "MX"): ["10 " + MX_NAME],
         (MX_NAME, "A"): ["127.0.0.1"],
         ("nullmx.test", "MX"): ["0 ."],
+        ("twomx.test", "MX"): ["10 " + MX_NAME, "20 down.test.example"],
+        ("down.test.example", "A"): ["127.0.0.2"],
     }
     with DnsServer(records, servfail={"broken.test"}) as server:
         yield server
@@ -634,8 +643,9 @@ def test_a_group_cancelled_mid_connection_sends_none_of_its_queued_copies(env: E
     assert statuses.count("sending") >= len(addresses) - 3  # their leases run out, then retried
 
 
-def test_null_mx_fails_and_servfail_defers(env: Env) -> None:
+def test_null_mx_and_no_such_domain_fail_and_suppress_and_servfail_defers(env: Env) -> None:
     null_id = env.message("x@nullmx.test")
+    gone_id = env.message("z@no-such-domain.test")  # NXDOMAIN
     broken_id = env.message("y@broken.test")
     receiver = Receiver()
     before = datetime.now(UTC)
@@ -644,12 +654,21 @@ def test_null_mx_fails_and_servfail_defers(env: Env) -> None:
     null = env.recipients(null_id)["x@nullmx.test"]
     assert null.status == "failed"
     assert env.events(null_id, "failed")[0].data["status"] == "5.1.10"
+    assert env.events(null_id, "failed")[0].data["kind"] == "hard"
+    gone = env.recipients(gone_id)["z@no-such-domain.test"]
+    assert gone.status == "failed"
+    assert env.events(gone_id, "failed")[0].data["status"] == "5.1.2"
     broken = env.recipients(broken_id)["y@broken.test"]
     assert broken.status == "deferred"
     assert broken.next_attempt_at >= before + timedelta(seconds=60)
     assert env.events(broken_id, "deferred")[0].data["status"] == "4.4.3"
     assert receiver.messages == []
-    assert env.suppressed() == {}
+    # A domain that takes no mail is a hard bounce and suppresses the address,
+    # as a 5.1.x reply would; a temporary DNS failure does not.
+    assert env.suppressed() == {
+        "x@nullmx.test": "hard_bounce",
+        "z@no-such-domain.test": "hard_bounce",
+    }
 
 
 def test_higher_priority_is_leased_first(env: Env) -> None:
@@ -1068,6 +1087,103 @@ def test_throttled_reply_slows_down_and_defers_the_rest_of_the_group(env: Env) -
     by_row = {event.recipient_id: event.data for event in env.events(message_id, "deferred")}
     assert by_row[remote[0].id]["kind"] == "throttled"
     assert all(by_row[row.id]["local"] is True for row in local)
+
+
+async def deliver_shaped(env: Env, receiver: Receiver, shaper: Shaper) -> None:
+    port = await receiver.start()
+    try:
+        worker = DeliveryWorker(env.settings(port), env.db, MASTER, shaper=shaper)
+        await worker.run_once()
+    finally:
+        await receiver.stop()
+
+
+def test_a_421_greeting_slows_down_as_a_421_in_a_transaction_does(env: Env) -> None:
+    """The commonest way to throttle: refuse the session before any transaction."""
+    addresses = [f"g{n}@example.test" for n in range(3)]
+    message_id = env.message(*addresses)
+    receiver = Receiver(refusal=b"421 4.7.0 Too many connections from your IP, slow down\r\n")
+    shaper = Shaper(load_rules(shaping_rules(env, per_minute=600)))
+
+    run(deliver_shaped(env, receiver, shaper))
+    assert receiver.sessions == 1  # the other connections were not opened
+    assert shaper.current_rate("testmx") == 300.0  # halved
+    rows = env.recipients(message_id)
+    assert {row.status for row in rows.values()} == {"deferred"}
+    remote = [row for row in rows.values() if row.last_reply and "421 4.7.0" in row.last_reply]
+    local = [row for row in rows.values() if row not in remote]
+    assert len(remote) == 1 and len(local) == 2
+    for row in local:
+        assert row.last_reply is not None
+        assert row.last_reply.startswith(
+            "4.7.0 local rate limit for testmx (the server throttled us): next slot in "
+        )
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        b"421 4.7.0 Temporary System Problem. Try again later\r\n",
+        b"421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to unexpected "
+        b"volume or user complaints\r\n",
+    ],
+)
+def test_real_world_421_greetings_slow_down(env: Env, refusal: bytes) -> None:
+    env.message("ann@example.test")
+    shaper = Shaper(load_rules(shaping_rules(env, per_minute=600)))
+    run(deliver_shaped(env, Receiver(refusal=refusal), shaper))
+    assert shaper.current_rate("testmx") == 300.0
+
+
+def test_a_rate_limit_classified_as_reputation_slows_down(env: Env) -> None:
+    """Microsoft's 4.7.650 is recorded as reputation, and still slows the destination down."""
+    message_id = env.message("ann@example.test")
+    text = "The mail server [127.0.0.1] has been temporarily rate limited due to IP reputation."
+    receiver = Receiver(replies={"ann@example.test": p.Reply(451, "4.7.650", (text,))})
+    shaper = Shaper(load_rules(shaping_rules(env, per_minute=600)))
+    run(deliver_shaped(env, receiver, shaper))
+    assert shaper.current_rate("testmx") == 300.0
+    (event,) = env.events(message_id, "deferred")
+    assert event.data["kind"] == "reputation"
+
+
+def test_a_refused_greeting_that_is_not_about_rate_does_not_slow_down(env: Env) -> None:
+    message_id = env.message("ann@example.test")
+    shaper = Shaper(load_rules(shaping_rules(env, per_minute=600)))
+    receiver = Receiver(refusal=b"554 5.7.1 No SMTP service here\r\n")
+    run(deliver_shaped(env, receiver, shaper))
+    assert shaper.current_rate("testmx") == 600.0
+    assert env.recipients(message_id)["ann@example.test"].status == "deferred"
+
+
+def test_a_throttling_mx_is_heard_though_a_later_one_is_unreachable(env: Env) -> None:
+    message_id = env.message("ann@twomx.test")
+    receiver = Receiver(refusal=b"421 4.7.0 Too many connections, try again in 20 minutes\r\n")
+    shaper = Shaper(load_rules(shaping_rules(env, per_minute=600)))
+    before = datetime.now(UTC)
+
+    run(deliver_shaped(env, receiver, shaper))
+    assert receiver.sessions == 1
+    assert shaper.current_rate("testmx") == 300.0
+    row = env.recipients(message_id)["ann@twomx.test"]
+    assert row.status == "deferred"
+    assert row.last_reply is not None and "421 4.7.0 Too many connections" in row.last_reply
+    assert row.next_attempt_at >= before + timedelta(minutes=20)
+
+
+def test_a_421_greeting_s_retry_hint_is_kept(env: Env) -> None:
+    """ "try again in 30 minutes" at the greeting waits 30 minutes, not the 60 s first step."""
+    message_id = env.message("ann@example.test")
+    receiver = Receiver(refusal=b"421 4.7.0 Too busy, try again in 30 minutes\r\n")
+    before = datetime.now(UTC)
+    run(deliver(env, receiver))
+    after = datetime.now(UTC)
+
+    row = env.recipients(message_id)["ann@example.test"]
+    assert row.status == "deferred"
+    assert row.last_reply is not None and "try again in 30 minutes" in row.last_reply
+    assert before + timedelta(minutes=30) <= row.next_attempt_at
+    assert row.next_attempt_at <= after + timedelta(minutes=30)
 
 
 # -- MTA-STS --------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from postlane.delivery.bounce_class import BounceKind, Classification, classify
+from postlane.delivery.bounce_class import BounceKind, Classification, classify, throttles
 
 H, S, P, R, C, T, TLS, U = (
     BounceKind.HARD,
@@ -67,6 +67,8 @@ REPLIES = [
     (550, "5.7.0", "Sender not permitted by local policy", P),
     (450, "4.7.1", "Client host rejected: cannot find your reverse hostname, [192.0.2.1]", P),
     (550, "5.7.27", "Sender address has null MX", P),
+    (550, "5.7.1", "Unknown user", P),  # the X.7 code outranks the text: never suppressed
+    (550, "5.7.1", "<x@example.org>: Recipient address rejected: User unknown", P),
     # reputation: blocklists and the sending IP's standing
     (
         554,
@@ -197,6 +199,27 @@ def test_policy_rejections_do_not_suppress() -> None:
     assert (result.kind, result.permanent, result.suppress) == (BounceKind.POLICY, True, False)
 
 
+@pytest.mark.parametrize(
+    ("enhanced", "text"),
+    [
+        ("5.7.1", "Unknown user"),
+        ("5.7.0", "No such user here"),
+        ("5.7.1", "Recipient address rejected: undeliverable address: invalid recipient"),
+        ("5.07.001", "user unknown"),
+        (None, "5.7.1 Unknown user"),  # the code at the start of the text is as explicit
+    ],
+)
+def test_a_policy_code_outranks_an_unknown_user_text(enhanced: str | None, text: str) -> None:
+    result = classify(550, enhanced, text)
+    assert (result.kind, result.permanent, result.suppress) == (BounceKind.POLICY, True, False)
+    assert "policy" in result.reason and "does not exist" in result.reason
+
+
+def test_an_unknown_user_text_without_a_policy_code_still_suppresses() -> None:
+    for enhanced in (None, "5.0.0", "5.1.0"):
+        assert classify(550, enhanced, "Unknown user").suppress
+
+
 def test_a_temporary_unknown_user_is_soft() -> None:
     result = classify(450, "4.1.1", "<x@example.org>: Recipient address rejected: User unknown")
     assert (result.kind, result.permanent, result.suppress) == (BounceKind.SOFT, False, False)
@@ -260,3 +283,61 @@ def test_kinds_are_strings_for_reports() -> None:
         "tls",
         "undetermined",
     ]
+
+
+# -- slowing down: throttles() ------------------------------------------------------------------
+
+THROTTLING = [
+    # any 421, whatever its kind: Gmail, Yahoo (reputation words), a bare one
+    (421, "4.7.0", "Temporary System Problem. Try again later"),
+    (
+        421,
+        "4.7.0",
+        "[TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user "
+        "complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes",
+    ),
+    (421, "4.7.0", "Too many connections from your IP, slow down"),
+    (421, "4.7.0", "Must issue a STARTTLS command first"),  # a 421 closes the channel anyway
+    (421, None, "Service not available, closing transmission channel"),
+    # a temporary 4.7.x about rate or a deferral, whatever the kind says
+    (
+        451,
+        "4.7.650",
+        "The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation. "
+        "For e-mail delivery information, see https://postmaster.outlook.com (S775)",
+    ),
+    (451, "4.7.0", "Temporary System Problem. Try again later"),
+    (450, "4.7.1", "Messages from 192.0.2.1 temporarily deferred due to unexpected volume"),
+    (451, "4.7.1", "Slow down, please"),
+    # replies classified throttled, as before
+    (450, "4.2.1", "The user you are trying to contact is receiving mail at a rate that prevents"),
+    (451, "4.7.500", "Server busy. Please try again later from [192.0.2.1]. (S77714)"),
+    (550, "5.2.1", "The user is receiving mail too quickly"),
+]
+
+NOT_THROTTLING = [
+    (451, "4.7.1", "greylisted, try again later"),
+    (450, "4.7.1", "<x@example.org>: Recipient address rejected: Greylisted for 300 seconds"),
+    (451, "4.7.0", "Must issue a STARTTLS command first"),
+    (450, "4.7.1", "Client host rejected: cannot find your reverse hostname, [192.0.2.1]"),
+    (451, "4.3.0", "Temporary local problem - please try later"),  # not 4.7: not the sender
+    (550, "5.7.1", "Message refused by local policy, try again later"),  # permanent
+    (550, "5.7.606", "Access denied, banned sending IP [192.0.2.1]"),
+    (250, "2.0.0", "Ok"),  # not a refusal at all
+]
+
+
+@pytest.mark.parametrize(("code", "enhanced", "text"), THROTTLING)
+def test_throttling_replies_slow_down(code: int, enhanced: str | None, text: str) -> None:
+    assert throttles(code, enhanced, text)
+
+
+@pytest.mark.parametrize(("code", "enhanced", "text"), NOT_THROTTLING)
+def test_other_refusals_do_not_slow_down(code: int, enhanced: str | None, text: str) -> None:
+    assert not throttles(code, enhanced, text)
+
+
+def test_the_kind_on_record_is_unchanged_by_slowing_down() -> None:
+    yahoo = "[TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume"
+    assert classify(421, "4.7.0", yahoo).kind is R
+    assert classify(421, "4.7.0", "Temporary System Problem. Try again later").kind is P

@@ -280,6 +280,7 @@ def test_a_hard_bounce_bounces_and_suppresses_the_recipient(world: World) -> Non
     [
         ("552", "5.2.2", "Mailbox full", "soft"),
         ("550", "5.7.1", "Message refused by local policy", "policy"),
+        ("550", "5.7.1", "Unknown user", "policy"),  # the policy code outranks the text
         ("554", "5.6.0", "Message content rejected as spam", "content"),
     ],
 )
@@ -299,6 +300,26 @@ def test_a_bounce_that_is_not_hard_lists_the_address_as_returned(
     with world.db.connect() as conn:
         (entry,) = list_suppressions(conn, world.account_id)
     assert entry.detail == f"{code} {status} <back@example.org>: {text}"
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "listed"),
+    [("5.7.1", "policy", "returned"), ("5.1.1", "hard", "hard_bounce")],
+)
+def test_a_generic_status_is_classified_by_the_code_in_the_quoted_reply(
+    world: World, status: str, kind: str, listed: str
+) -> None:
+    """``Status: 5.0.0`` says less than the remote reply it quotes: the reply's code decides."""
+    recipient_id = world.send("who@example.org")
+    raw = dsn(recipient_id, "who@example.org", status=status, text="Unknown user")
+    raw = raw.replace(f"Status: {status}\r\n".encode(), b"Status: 5.0.0\r\n")
+    assert b"Status: 5.0.0\r\n" in raw
+    world.receive(raw, address_for(recipient_id))
+
+    assert world.processor.run_once() == 1
+
+    assert world.events(type="bounced")[0]["data"]["classification"] == kind
+    assert world.suppressed() == {"who@example.org": listed}
 
 
 def test_a_hard_bounce_after_a_returned_entry_suppresses(world: World) -> None:
