@@ -59,11 +59,12 @@ __all__ = [
     "Reset",
     "SessionPolicy",
     "StartTLS",
+    "TransactionAborted",
 ]
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _REPLY_TEXT = re.compile(r"[\t\x20-\x7e]*")
-_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _PARAMETER = re.compile(
     r"([A-Za-z0-9][A-Za-z0-9-]*+)(?:=([\x21-\x3c\x3e-\x7e\u0080-\ud7ff\ue000-\U0010ffff]++))?"
 )
@@ -179,13 +180,36 @@ class Reset:
 
 
 @dataclass(frozen=True, slots=True)
+class TransactionAborted:
+    """The engine ended the mail transaction itself and queued the refusal; drop it as on RSET.
+
+    A message over the size limit, a BDAT the engine cannot read or a refused
+    BDAT chunk ends the transaction with no command of the client's to say
+    so; without this event the driver would keep what it decided for the
+    envelope into the next transaction.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class CloseRequested:
     """Flush data_to_send(), then close the connection."""
 
     reason: str
 
 
-Event = Hello | StartTLS | AuthAttempt | MailFrom | Rcpt | MessageReceived | Reset | CloseRequested
+Event = (
+    Hello
+    | StartTLS
+    | AuthAttempt
+    | MailFrom
+    | Rcpt
+    | MessageReceived
+    | Reset
+    | TransactionAborted
+    | CloseRequested
+)
 _Decision = AuthAttempt | MailFrom | Rcpt | MessageReceived
 
 
@@ -272,6 +296,13 @@ _BODY_TYPES = ("7BIT", "8BITMIME")
 _DATA_END = b"\r\n.\r\n"
 # Bytes at the end of the buffer that may be the start of a split terminator.
 _DATA_TAIL = len(_DATA_END) - 1
+_STUFFED = b"\r\n."
+# Significant digits of a SIZE or BDAT count beyond which it is over any limit
+# (RFC 1870 allows SIZE 20 digits): 10**20 octets never cross one connection.
+_COUNT_DIGITS = 20
+# What is left of a BDAT chunk whose count has more digits than that: in effect
+# endless, so its bytes are discarded until the session ends.
+_ENDLESS = 10**_COUNT_DIGITS
 
 
 def _unsupported(key: str) -> bytes:
@@ -292,6 +323,18 @@ def _parse_params(text: str) -> dict[str, str] | None:
             return None
         params[key] = match.group(2) or ""
     return params
+
+
+def _size_value(digits: str) -> int | None:
+    """A SIZE value or BDAT chunk size in ASCII digits; None when too long to be real.
+
+    The length is bounded before int(), which refuses more than 4300 digits
+    and is slow well before that; any configurable line length allows more.
+    """
+    significant = digits.lstrip("0")
+    if len(significant) > _COUNT_DIGITS:
+        return None
+    return int(significant or "0")
 
 
 def _decode_sasl(data: bytes) -> str | None:
@@ -322,6 +365,8 @@ class Connection:
         "_chunk_target",
         "_closed",
         "_data_at_start",
+        "_data_counted",
+        "_data_dots",
         "_data_oversize",
         "_data_scanned",
         "_eof",
@@ -378,6 +423,10 @@ class Connection:
         self._data_scanned = 0
         self._data_at_start = False
         self._data_oversize = False
+        # Stuffing dots among the first _data_counted bytes, counted only once
+        # the bytes held pass the size limit (RFC 1870 counts without them).
+        self._data_dots = 0
+        self._data_counted = 0
 
     # -- the driver's side -------------------------------------------------
 
@@ -611,6 +660,13 @@ class Connection:
         self._rcpt_rejected = False
         self._bdat = None
 
+    def _abort_transaction(self, refusal: bytes, reason: str) -> None:
+        """End the transaction on the engine's own initiative, and tell the driver."""
+        if self._mail is not None:
+            self._events.append(TransactionAborted(reason))
+        self._reset_transaction()
+        self._reject(refusal)
+
     def _decide(self, event: _Decision) -> None:
         self._events.append(event)
         self._pending_event = event
@@ -625,13 +681,16 @@ class Connection:
 
     def _hello(self, arg: bytes, *, extended: bool) -> None:
         name = arg.strip()
-        # Control characters are refused so that a name copied into a
-        # Received header can never break it into extra header lines.
-        if not name or _CONTROL.search(name):
+        # The name is a domain or an address literal (RFC 5321 section
+        # 4.1.1.1); its finer syntax is left to policy, as most MTAs do, but
+        # it is copied into the Received header, where a control byte would
+        # start a new header line and a non-ASCII one would make a 7-bit
+        # message need 8BITMIME downstream.
+        if not name or _NOT_PRINTABLE.search(name):
             self._reject(_EHLO_SYNTAX if extended else _HELO_SYNTAX)
             return
         self._reset_transaction()
-        self._helo = name.decode("utf-8", "replace")
+        self._helo = name.decode("ascii")
         self._extended = extended
         self._events.append(Hello(self._helo, extended))
         # Like the EHLO reply, the HELO reply starts with our domain (RFC 5321
@@ -827,7 +886,7 @@ class Connection:
         body = params.get("BODY")
         return MailFrom(
             address,
-            None if size is None else int(size),
+            None if size is None else _size_value(size),
             None if body is None else body.upper(),
             smtputf8,
             params,
@@ -838,7 +897,8 @@ class Connection:
             if key == "SIZE":
                 if not (value.isascii() and value.isdigit()):
                     return _BAD_SIZE
-                if int(value) > self._policy.max_message_size:
+                size = _size_value(value)
+                if size is None or size > self._policy.max_message_size:
                     return _TOO_BIG
             elif key == "BODY":
                 if value.upper() not in _BODY_TYPES:
@@ -909,6 +969,8 @@ class Connection:
         self._data_scanned = 0
         self._data_at_start = True
         self._data_oversize = False
+        self._data_dots = 0
+        self._data_counted = 0
 
     def _data_step(self) -> bool:
         buf = self._buf
@@ -926,35 +988,54 @@ class Connection:
             self._hold_data(start)
             return False
         self._pos = end + len(_DATA_END)
-        if self._data_oversize or end + 2 - start > self._policy.max_message_size:
-            self._end_data(None)
-        else:
-            self._end_data(bytes(buf[start : end + 2]))
+        self._end_data(None if self._data_oversize else bytes(buf[start : end + 2]))
         return True
 
     def _hold_data(self, start: int) -> None:
         """Remember how far the terminator search got; drop an oversized message's bytes."""
         buf = self._buf
         tail = len(buf) - _DATA_TAIL
-        if self._data_oversize or tail - start > self._policy.max_message_size:
-            self._data_oversize = True
+        limit = self._policy.max_message_size
+        if not self._data_oversize and tail - start > limit:
+            self._data_oversize = self._unstuffed_size(start, tail) > limit
+        if self._data_oversize:
             if tail > start:
                 del buf[start:tail]
             self._data_scanned = 0
         else:
             self._data_scanned = max(0, tail - start)
 
+    def _unstuffed_size(self, start: int, tail: int) -> int:
+        """The size of the message held so far without its stuffing dots, never over it.
+
+        Only a message whose bytes pass the limit gets here, and the count goes
+        on from where it stopped, so no byte is counted twice.
+        """
+        buf = self._buf
+        counted = start + self._data_counted
+        if counted == start and buf[start] == 0x2E:
+            self._data_dots += 1  # the first line's dot (".\r\n" would have ended DATA)
+        # A "\r\n." starting before tail lies wholly in the buffer and is no
+        # terminator (the search found none), so its dot is stuffing; one
+        # whose dot lies past tail only makes the size smaller, never too big.
+        self._data_dots += buf.count(_STUFFED, counted, tail + 2)
+        self._data_counted = tail - start
+        return tail - start - self._data_dots
+
     def _end_data(self, data: bytes | None) -> None:
         """Finish DATA; None means the message was too big and has been discarded."""
         self._mode = _Mode.COMMAND
+        if data is not None:
+            # RFC 5321 section 4.5.2: drop the first period of every line that has one.
+            data = data.replace(_STUFFED, b"\r\n")
+            if data.startswith(b"."):
+                data = data[1:]
+            # RFC 1870: the limit is on the message, without the dots DATA added.
+            if len(data) > self._policy.max_message_size:
+                data = None
         if data is None:
-            self._reset_transaction()
-            self._reject(_TOO_BIG)
+            self._abort_transaction(_TOO_BIG, "message too big")
             return
-        # RFC 5321 section 4.5.2: drop the first period of every line that has one.
-        data = data.replace(b"\r\n.", b"\r\n")
-        if data.startswith(b"."):
-            data = data[1:]
         self._deliver(data)
 
     def _deliver(self, data: bytes) -> None:
@@ -977,24 +1058,22 @@ class Connection:
         ):
             # The chunk's length is unknown, so its bytes will be read as
             # commands, and the message would have a hole: end the transaction.
-            self._reset_transaction()
-            self._reject(_BDAT_SYNTAX)
+            self._abort_transaction(_BDAT_SYNTAX, "BDAT syntax error")
             return
-        size = int(parts[0])
+        size = _size_value(parts[0].decode("ascii"))
         self._chunk_target = self._chunk_target_for(size)
-        self._chunk_left = size
-        self._chunk_size = size
+        self._chunk_left = self._chunk_size = _ENDLESS if size is None else size
         self._chunk_last = len(parts) == 2
         self._mode = _Mode.BDAT
 
-    def _chunk_target_for(self, size: int) -> bytearray | bytes:
+    def _chunk_target_for(self, size: int | None) -> bytearray | bytes:
         """The buffer the chunk extends, or the refusal to give once it is skipped."""
         refusal = self._message_refusal()
         if refusal is not None:
             return refusal
         if self._bdat is None:
             self._bdat = bytearray()
-        if len(self._bdat) + size > self._policy.max_message_size:
+        if size is None or len(self._bdat) + size > self._policy.max_message_size:
             return _TOO_BIG
         return self._bdat
 
@@ -1020,8 +1099,7 @@ class Connection:
         if not isinstance(target, bytearray):
             # RFC 3030 section 4.2: the chunk was read and discarded. The
             # message now has a hole, so the transaction ends.
-            self._reset_transaction()
-            self._reject(target)
+            self._abort_transaction(target, "BDAT chunk refused")
         elif self._chunk_last:
             self._deliver(bytes(target))
         else:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from postlane.errors import InvalidInput
 
-__all__ = ["ProxyInfo", "parse_proxy_header"]
+__all__ = ["MAX_PROXY_HEADER", "ProxyInfo", "parse_proxy_header"]
 
 _V1_PREFIX = b"PROXY "
 _V1_MAX = 107  # the longest v1 line, CRLF included (spec section 2.1)
@@ -26,6 +26,8 @@ _V2_INET, _V2_INET6 = 0x1, 0x2
 _V2_MAX_FAMILY, _V2_MAX_TRANSPORT = 0x3, 0x2
 _V2_INET_LENGTH, _V2_INET6_LENGTH = 12, 36
 _MAX_PORT = 65535
+#: The longest header there can be: v2's length field is 16 bits.
+MAX_PROXY_HEADER = _V2_FIXED + 0xFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,10 @@ _UNKNOWN = ProxyInfo(None, None, None, None)
 def parse_proxy_header(buf: bytes) -> tuple[ProxyInfo | None, int]:
     """Parse the header at the start of ``buf``: (info, bytes used), or (None, 0) for more.
 
-    Raises InvalidInput when ``buf`` does not start with a well-formed header.
+    It never asks for more than the header can hold (v1's 107 bytes, or what
+    v2's length field says), so the driver need not guess a limit that the
+    way TCP splits the header could cross. Raises InvalidInput when ``buf``
+    does not start with a well-formed header.
     """
     if buf.startswith(_V2_SIGNATURE):
         return _parse_v2(buf)

@@ -27,7 +27,7 @@ from postlane.intake.committer import CommitResult, Committer
 from postlane.intake.queue_id import new_queue_id
 from postlane.smtp import protocol as p
 from postlane.smtp.authenticator import Authenticator
-from postlane.smtp.proxy import parse_proxy_header
+from postlane.smtp.proxy import MAX_PROXY_HEADER, parse_proxy_header
 from postlane.smtp.tls import TlsContextHolder
 from postlane.store.intake import NewMessage
 from postlane.store.schema import utc_now
@@ -158,7 +158,9 @@ class SmtpSession(asyncio.Protocol):
             self._abort()
             return
         if used == 0:
-            if len(self._proxy_buffer) > 536:
+            # The parser bounds the header itself (v1 by the spec, v2 by its
+            # length field), whatever the reads; this only guards the buffer.
+            if len(self._proxy_buffer) > MAX_PROXY_HEADER:
                 self.close_reason = "PROXY header too long"
                 self._abort()
             return
@@ -206,12 +208,14 @@ class SmtpSession(asyncio.Protocol):
         elif isinstance(event, p.AuthAttempt):
             self._authenticate(event)
         elif isinstance(event, p.MailFrom):
-            conn.answer(self._mail_from(event))
+            reply = self._mail_from(event)
+            self._in_transaction = reply is None  # a refused MAIL starts no transaction
+            conn.answer(reply)
         elif isinstance(event, p.Rcpt):
             conn.answer(self._rcpt(event))
         elif isinstance(event, p.MessageReceived):
             self._message(event)
-        elif isinstance(event, p.Reset):
+        elif isinstance(event, p.Reset | p.TransactionAborted):
             self._end_transaction()
         elif isinstance(event, p.CloseRequested):
             self.close_reason = event.reason
@@ -276,6 +280,18 @@ class SmtpSession(asyncio.Protocol):
     def _authenticate(self, event: p.AuthAttempt) -> None:
         conn = self._conn
         assert conn is not None
+        if event.authzid and event.authzid.lower() != event.username.lower():
+            # RFC 4616 section 2: act as the authzid or fail; nobody may act as
+            # another user here. Logins compare case-insensitively, so the
+            # authzid does too, and the refusal is the one for a wrong password.
+            log.warning(
+                "auth refused ip=%s user=%r authzid=%r: acting as another user",
+                self.client_ip,
+                event.username,
+                event.authzid,
+            )
+            conn.auth_failed()
+            return
         result = self._auth.quick(self.client_ip, event.username, event.password)
         if result is None:
             self._go_async(self._authenticate_slowly(event))
@@ -322,7 +338,6 @@ class SmtpSession(asyncio.Protocol):
     # -- envelope -------------------------------------------------------------------------------
 
     def _mail_from(self, event: p.MailFrom) -> p.Reply | None:
-        self._in_transaction = True
         sender = self.sender
         if sender is None:
             return None  # unauthenticated (non-submission listener): judged per recipient

@@ -21,6 +21,7 @@ from postlane.smtp.protocol import (
     Reset,
     SessionPolicy,
     StartTLS,
+    TransactionAborted,
 )
 
 HOST = "mx.example.com"
@@ -178,6 +179,27 @@ def test_helo_gives_one_line_and_no_extensions() -> None:
 )
 def test_hello_without_a_usable_name_is_refused(command: str) -> None:
     assert Driver().send(command) == [f"501 5.5.4 Syntax: {command[:4]} hostname"]
+
+
+@pytest.mark.parametrize(
+    "name", [b"cli\xffent", "ex\u00e4mple.com".encode(), b"a\x80", b"a\tb", b"\xc2\xa0"]
+)
+@pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
+def test_hello_name_outside_printable_ascii_is_refused(verb: bytes, name: bytes) -> None:
+    """The name goes into the Received header: non-ASCII there would need 8BITMIME."""
+    driver = Driver()
+    out = lines_of(driver.feed(verb + b" " + name + b"\r\n"))
+    assert out == [f"501 5.5.4 Syntax: {verb.decode()} hostname"]
+    assert not driver.of_type(Hello)
+
+
+@pytest.mark.parametrize(
+    "name", ["[192.0.2.1]", "[IPv6:2001:db8::1]", "localhost", "my_host", "client.example."]
+)
+def test_hello_names_seen_in_the_wild_are_accepted(name: str) -> None:
+    driver = Driver()
+    assert driver.send(f"EHLO {name}")[0] == "250-mx.example.com"
+    assert driver.events == [Hello(name, extended=True)]
 
 
 def test_ehlo_ends_the_transaction() -> None:
@@ -511,9 +533,28 @@ def test_mail_size_over_the_limit() -> None:
     assert out == ["552 5.3.4 Message size exceeds fixed maximum message size"]
 
 
-@pytest.mark.parametrize("size", ["SIZE", "SIZE=", "SIZE=abc", "SIZE=-1", "SIZE=١٢"])
+LONG_LINES = replace(RELAY, max_command_line=8192)
+
+
+def test_mail_size_with_more_digits_than_int_reads_is_too_big() -> None:
+    """int() refuses over 4300 digits: this raised out of receive_data()."""
+    driver = ready(LONG_LINES)
+    out = driver.send("MAIL FROM:<a@b.c> SIZE=" + "9" * 4301)
+    assert out == ["552 5.3.4 Message size exceeds fixed maximum message size"]
+    assert driver.send("NOOP") == ["250 2.0.0 Ok"]
+
+
+def test_mail_size_with_many_leading_zeros_is_its_value() -> None:
+    driver = ready(LONG_LINES)
+    assert driver.send("MAIL FROM:<a@b.c> SIZE=" + "0" * 4301 + "1000") == ["250 2.1.0 Ok"]
+    assert driver.of_type(MailFrom)[0].size == 1000
+
+
+@pytest.mark.parametrize(
+    "size", ["SIZE", "SIZE=", "SIZE=abc", "SIZE=-1", "SIZE=١٢", "SIZE=" + "9" * 4301 + "x"]
+)
 def test_mail_size_malformed(size: str) -> None:
-    out = ready().send(f"MAIL FROM:<s@example.com> {size}")
+    out = ready(LONG_LINES).send(f"MAIL FROM:<s@example.com> {size}")
     assert out[0].startswith("501 5.5.4")
 
 
@@ -798,6 +839,79 @@ def test_data_at_exactly_the_size_limit_is_accepted() -> None:
     assert len(message(driver).data) == 100
 
 
+# RFC 1870: the size is the message's, without the dots DATA adds for
+# transparency. These have 20 octets, and stuffed 21 and 25: the second is held
+# over the limit of 20 before its terminator arrives. TOO_BIG's have 21.
+EXACTLY_20 = [b"Subject: x\r\n\r\n.abc\r\n", b".\r\n.\r\n.\r\n.\r\n.ab\r\nc\r\n"]
+TOO_BIG = [b"Subject: x\r\n\r\n.abcd\r\n", b".\r\n.\r\n.\r\n.\r\n.ab\r\ncd\r\n"]
+
+
+def stuffed(content: bytes) -> bytes:
+    """What a client sends in DATA for ``content`` (RFC 5321 section 4.5.2)."""
+    text = content.replace(b"\r\n.", b"\r\n..")
+    return b"." + text if text.startswith(b".") else text
+
+
+@pytest.mark.parametrize("content", EXACTLY_20)
+def test_data_size_limit_does_not_count_stuffing_dots(content: bytes) -> None:
+    stream = b"DATA\r\n" + stuffed(content) + b".\r\nNOOP\r\n"
+    for cut in range(len(stream) + 1):
+        driver = in_transaction(replace(RELAY, max_message_size=20))
+        out = feed_in_two(driver, stream, cut)
+        assert lines_of(out)[-2:] == ["250 2.0.0 Ok: queued", "250 2.0.0 Ok"], cut
+        assert message(driver).data == content
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 5])
+def test_data_size_limit_without_stuffing_dots_in_small_reads(piece: int) -> None:
+    """Held over the limit, the dots are counted as reads come: none missed, none twice."""
+    content = b"." + b"x\r\n." * 30 + b"\r\n"
+    stream = b"DATA\r\n" + stuffed(content) + b".\r\n"
+    for limit in (len(content), len(content) - 1):
+        driver = in_transaction(replace(RELAY, max_message_size=limit))
+        out = b"".join(driver.feed(stream[at : at + piece]) for at in range(0, len(stream), piece))
+        accepted = limit == len(content)
+        assert lines_of(out)[-1].startswith("250" if accepted else "552"), limit
+
+
+def test_data_over_the_size_limit_with_stuffing_dots_is_not_buffered() -> None:
+    policy = replace(RELAY, max_message_size=100)
+    driver = in_transaction(policy)
+    driver.send("DATA")
+    chunk = b"..\r\n"  # a line of one dot: 4 octets sent, 3 in the message
+    most = 0
+    for _ in range(200):
+        assert driver.feed(chunk) == b""
+        most = max(most, len(driver.conn._buf))
+    out = driver.feed(b".\r\n")
+    assert lines_of(out) == ["552 5.3.4 Message size exceeds fixed maximum message size"]
+    assert most <= policy.max_message_size * 4 // 3 + 2 * len(chunk)
+
+
+@pytest.mark.parametrize("content", TOO_BIG)
+def test_data_one_octet_over_the_limit_without_stuffing_dots_is_refused(content: bytes) -> None:
+    stream = b"DATA\r\n" + stuffed(content) + b".\r\nNOOP\r\n"
+    for cut in range(len(stream) + 1):
+        driver = in_transaction(replace(RELAY, max_message_size=20))
+        out = feed_in_two(driver, stream, cut)
+        assert lines_of(out)[-2:] == [
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "250 2.0.0 Ok",
+        ], cut
+        assert not driver.of_type(MessageReceived)
+
+
+@pytest.mark.parametrize(
+    ("content", "accepted"), [(c, True) for c in EXACTLY_20] + [(c, False) for c in TOO_BIG]
+)
+def test_data_and_bdat_agree_on_the_size_limit(content: bytes, accepted: bool) -> None:
+    policy = replace(RELAY, max_message_size=20)
+    data = in_transaction(policy).feed(b"DATA\r\n" + stuffed(content) + b".\r\n")
+    bdat = in_transaction(policy).feed(b"BDAT %d LAST\r\n" % len(content) + content)
+    assert lines_of(data)[-1] == lines_of(bdat)[-1]
+    assert lines_of(bdat)[-1].startswith("250" if accepted else "552")
+
+
 def test_data_over_the_size_limit_is_read_and_refused() -> None:
     policy = replace(RELAY, max_message_size=100)
     driver = in_transaction(policy)
@@ -927,11 +1041,35 @@ def test_bdat_oversized_chunk_is_never_buffered() -> None:
     assert lines_of(out) == ["552 5.3.4 Message size exceeds fixed maximum message size"]
 
 
+def test_bdat_count_with_more_digits_than_int_reads_is_an_oversized_chunk() -> None:
+    """int() refuses over 4300 digits: this raised out of receive_data().
+
+    Like any oversized chunk it is read and discarded; one this long never ends.
+    """
+    driver = in_transaction(LONG_LINES)
+    out = driver.feed(b"BDAT " + b"9" * 4301 + b" LAST\r\n")
+    for _ in range(10):
+        out += driver.feed(b"x" * 1000 + b"\r\nQUIT\r\n")
+        assert len(driver.conn._buf) == 0
+    assert out == b""
+    assert not driver.of_type(MessageReceived)
+    driver.feed(b"")
+    assert driver.events[-1] == CloseRequested("peer closed")
+
+
+def test_bdat_count_with_many_leading_zeros_is_its_value() -> None:
+    driver = in_transaction(LONG_LINES)
+    out = driver.feed(b"BDAT " + b"0" * 4301 + b"5 LAST\r\nhelloNOOP\r\n")
+    assert lines_of(out) == ["250 2.0.0 Ok: queued", "250 2.0.0 Ok"]
+    assert message(driver).data == b"hello"
+
+
 @pytest.mark.parametrize(
-    "command", ["BDAT", "BDAT x", "BDAT 1 FIRST", "BDAT -1", "BDAT 1 LAST more"]
+    "command",
+    ["BDAT", "BDAT x", "BDAT 1 FIRST", "BDAT -1", "BDAT 1 LAST more", "BDAT " + "9" * 4301 + "x"],
 )
 def test_bdat_syntax(command: str) -> None:
-    assert in_transaction().send(command) == ["501 5.5.4 Syntax: BDAT size [LAST]"]
+    assert in_transaction(LONG_LINES).send(command) == ["501 5.5.4 Syntax: BDAT size [LAST]"]
 
 
 def test_bdat_syntax_error_ends_the_transaction() -> None:
@@ -939,6 +1077,31 @@ def test_bdat_syntax_error_ends_the_transaction() -> None:
     driver.feed(b"BDAT 3\r\nabc")
     driver.send("BDAT x")
     assert lines_of(driver.feed(b"BDAT 1 LAST\r\nz")) == ["503 5.5.1 Need MAIL command"]
+
+
+@pytest.mark.parametrize(
+    ("stream", "reason"),
+    [
+        (b"DATA\r\n" + b"x" * 20 + b"\r\n.\r\n", "message too big"),
+        (b"BDAT x\r\n", "BDAT syntax error"),
+        (b"BDAT 20 LAST\r\n" + b"x" * 20, "BDAT chunk refused"),
+        (b"BDAT 5\r\nhelloBDAT 6\r\n world", "BDAT chunk refused"),
+    ],
+)
+@pytest.mark.parametrize("piece", [1, 1000])
+def test_a_transaction_the_engine_ends_is_announced(stream: bytes, reason: str, piece: int) -> None:
+    """Without the event the driver kept the envelope's state into the next transaction."""
+    driver = in_transaction(replace(RELAY, max_message_size=10))
+    for at in range(0, len(stream), piece):
+        driver.feed(stream[at : at + piece])
+    assert driver.events[-1] == TransactionAborted(reason)
+    assert driver.send("RCPT TO:<r@example.net>") == ["503 5.5.1 Need MAIL command"]
+
+
+def test_a_refused_chunk_with_no_transaction_announces_none() -> None:
+    driver = ready()
+    driver.feed(b"BDAT x\r\nBDAT 1 LAST\r\nx")
+    assert not driver.of_type(TransactionAborted)
 
 
 def test_bdat_empty_last_chunk() -> None:

@@ -7,7 +7,7 @@ import re
 from dataclasses import replace
 from itertools import cycle
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from postlane.smtp.protocol import (
@@ -138,6 +138,14 @@ COMMANDS = st.tuples(OPENING, st.lists(STEP, max_size=6)).map(
     lambda parts: [*parts[0], *(command for step in parts[1] for command in step)]
 )
 CHUNK_SIZES = st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=8)
+# int() refuses more than 4300 digits; a long enough command line lets them in.
+LONG_LINES = SessionPolicy(HOST, auth_required=False, max_command_line=8192)
+HUGE = b"9" * 4301
+HUGE_COUNTS = [
+    b"EHLO c\r\n",
+    b"MAIL FROM:<a@b.c> SIZE=" + HUGE + b"\r\n",
+    b"MAIL FROM:<a@b.c>\r\nRCPT TO:<r@example.net>\r\nBDAT " + HUGE + b" LAST\r\nx\r\n",
+]
 
 _LINE = re.compile(rb"([2-5][0-9][0-9])([ -])([\t\x20-\x7e]*)\r\n")
 _ENHANCED = re.compile(r"([245])\.[0-9]{1,3}\.[0-9]{1,3} ")
@@ -258,6 +266,7 @@ def test_arbitrary_bytes(policy: SessionPolicy, chunks: list[bytes]) -> None:
 
 @FUZZ
 @given(policy=POLICIES, commands=COMMANDS, sizes=CHUNK_SIZES)
+@example(policy=LONG_LINES, commands=HUGE_COUNTS, sizes=[4096])
 def test_plausible_sessions(policy: SessionPolicy, commands: list[bytes], sizes: list[int]) -> None:
     driver = run(policy, commands, sizes)
     driver.feed(b"NOOP\r\n")
@@ -276,3 +285,28 @@ def test_how_input_is_split_does_not_matter(
     split = run(policy, commands, sizes)
     assert split.out == whole.out
     assert split.events == whole.events
+
+
+MESSAGE = st.lists(st.sampled_from([b".", b"..", b"\r\n", b"a", b"\r"]), max_size=40).map(
+    lambda parts: b"".join(parts) + b"\r\n"
+)
+
+
+@FUZZ
+@given(content=MESSAGE, limit=st.integers(min_value=0, max_value=50), sizes=CHUNK_SIZES)
+def test_data_and_bdat_agree_on_the_size_limit(
+    content: bytes, limit: int, sizes: list[int]
+) -> None:
+    """RFC 1870: the limit is on the message, not on the dots DATA adds for transparency."""
+    policy = SessionPolicy(HOST, auth_required=False, max_message_size=limit)
+    opening = b"EHLO c\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\n"
+    text = content.replace(b"\r\n.", b"\r\n..")
+    text = b"." + text if text.startswith(b".") else text
+    data = FakeDriver(policy)
+    data.feed_in_chunks(opening + b"DATA\r\n" + text + b".\r\n", sizes)
+    bdat = FakeDriver(policy)
+    bdat.feed(opening + b"BDAT %d LAST\r\n" % len(content) + content)
+    expected = [content] if len(content) <= limit else []
+    for driver in (data, bdat):
+        received = [e.data for e in driver.events if isinstance(e, MessageReceived)]
+        assert received == expected

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from postlane.errors import InvalidInput
-from postlane.smtp.proxy import ProxyInfo, parse_proxy_header
+from postlane.smtp.proxy import MAX_PROXY_HEADER, ProxyInfo, parse_proxy_header
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 SMTP = b"EHLO client.example\r\n"
@@ -28,6 +28,8 @@ def v2_inet(src: str, dst: str, sport: int, dport: int, *, tlvs: bytes = b"") ->
 
 
 UNKNOWN = ProxyInfo(None, None, None, None)
+# A TLV long enough to take the header past 536 bytes (PP2_TYPE_NOOP).
+LONG_TLV = b"\x04" + struct.pack("!H", 600) + bytes(600)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +73,7 @@ def test_headers_are_parsed_and_smtp_bytes_left_alone(header: bytes, info: Proxy
         b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 25\r\n",
         b"PROXY UNKNOWN\r\n",
         v2_inet("2001:db8::7", "2001:db8::2", 1, 465),
+        v2_inet("203.0.113.7", "198.51.100.2", 1, 2, tlvs=LONG_TLV),
         v2(0x0, 0x00, b""),
     ],
 )
@@ -120,3 +123,11 @@ def test_longest_v1_header_is_accepted() -> None:
     header = f"PROXY TCP6 {address} {address} 65535 65535\r\n".encode()
     assert len(header) == 104
     assert parse_proxy_header(header) == (ProxyInfo(address, 65535, address, 65535), 104)
+
+
+def test_the_longest_v2_header_is_bounded_by_its_length_field() -> None:
+    """The driver relies on this bound, not on a guess the way TCP splits could cross."""
+    header = v2(0x0, 0x00, bytes(0xFFFF))
+    assert len(header) == MAX_PROXY_HEADER
+    assert parse_proxy_header(header[:-1]) == (None, 0)
+    assert parse_proxy_header(header + SMTP) == (UNKNOWN, MAX_PROXY_HEADER)

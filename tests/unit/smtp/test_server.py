@@ -8,7 +8,12 @@ must reach the engine, not be dropped (start_tls() is faked for that).
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
+import struct
+from dataclasses import replace
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +21,7 @@ import pytest
 from postlane.config import ListenerSettings
 from postlane.intake import pipeline
 from postlane.smtp import protocol
+from postlane.smtp.authenticator import AuthResult
 from postlane.smtp.server import ListenerContext, SmtpSession
 from postlane.tenants.directory import TenantSnapshot
 
@@ -51,16 +57,26 @@ class FakeDirectory:
     snapshot = TenantSnapshot()
 
 
-def _session() -> SmtpSession:
+POLICY = protocol.SessionPolicy(
+    hostname="mail.postlane.test", starttls_available=True, auth_required=False
+)
+COMMAND_TIMEOUT, DATA_TIMEOUT = 60, 600
+
+
+def _session(
+    *,
+    policy: protocol.SessionPolicy = POLICY,
+    settings: ListenerSettings | None = None,
+    directory: Any = None,
+    authenticator: Any = None,
+) -> SmtpSession:
     listener = ListenerContext(
         name="test",
-        settings=ListenerSettings(port=2525, tls="starttls", submission=False),
-        policy=protocol.SessionPolicy(
-            hostname="mail.postlane.test", starttls_available=True, auth_required=False
-        ),
+        settings=settings or ListenerSettings(port=2525, tls="starttls", submission=False),
+        policy=policy,
         limits=pipeline.IntakeLimits("mail.postlane.test", 25, timedelta(days=3)),
-        command_timeout=60,
-        data_timeout=60,
+        command_timeout=COMMAND_TIMEOUT,
+        data_timeout=DATA_TIMEOUT,
     )
 
     class Tls:
@@ -68,12 +84,16 @@ def _session() -> SmtpSession:
 
     return SmtpSession(
         listener,
-        FakeDirectory(),  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
+        directory or FakeDirectory(),
+        authenticator,
         None,  # type: ignore[arg-type]
         Tls(),  # type: ignore[arg-type]
         lambda session: None,
     )
+
+
+def _replies(transport: FakeTransport) -> list[bytes]:
+    return bytes(transport.written).split(b"\r\n")[:-1]
 
 
 def test_bytes_decrypted_before_start_tls_returns_are_not_lost() -> None:
@@ -152,3 +172,145 @@ def test_a_fault_in_intake_is_a_temporary_failure_and_the_session_goes_on(
     assert b"451 4.3.0 Local error in processing, try again later" in replies
     assert replies[-2].startswith(b"250 2.0.0")  # NOOP: the session goes on
     assert not transport.closed
+
+
+class BounceDirectory:
+    """Two accounts, each with its own bounce domain."""
+
+    snapshot = TenantSnapshot(
+        domains={
+            1: (SimpleNamespace(account_id=1, name="acme.com", return_path_subdomain="bounce"),),
+            2: (SimpleNamespace(account_id=2, name="other.com", return_path_subdomain="bounce"),),
+        },  # type: ignore[dict-item]
+        bounce_domains=frozenset({"bounce.acme.com", "bounce.other.com"}),
+    )
+
+
+@pytest.mark.parametrize(
+    "abandoned",
+    [
+        b"BDAT 500 LAST\r\n" + b"z" * 500,
+        b"DATA\r\n" + b"z" * 500 + b"\r\n.\r\n",
+        b"BDAT x\r\n",
+    ],
+)
+def test_a_transaction_the_engine_abandons_leaves_nothing_behind(abandoned: bytes) -> None:
+    """The bounce account of the first transaction once refused the second's recipient.
+
+    The engine ended the transaction by itself (a message over the limit, a
+    bad BDAT) and the session kept its envelope state and the data timeout.
+    """
+
+    async def scenario() -> tuple[SmtpSession, FakeTransport, float]:
+        session = _session(
+            policy=replace(POLICY, max_message_size=100), directory=BounceDirectory()
+        )
+        transport = FakeTransport()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(
+            b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<x@bounce.acme.com>\r\n" + abandoned
+        )
+        assert _replies(transport)[-1].startswith((b"552 5.3.4", b"501 5.5.4"))
+        limit = session._limit()
+        session.data_received(b"MAIL FROM:<>\r\nRCPT TO:<y@bounce.other.com>\r\n")
+        return session, transport, limit
+
+    session, transport, limit = asyncio.run(scenario())
+    assert _replies(transport)[-2:] == [b"250 2.1.0 Ok", b"250 2.1.5 Ok"]
+    assert session.bounce_account == 2
+    assert limit == COMMAND_TIMEOUT  # the data timeout ended with the transaction
+
+
+def test_a_refused_mail_from_starts_no_transaction() -> None:
+    """The data timeout applied after a refused MAIL, with no transaction to wait for."""
+
+    async def scenario() -> tuple[SmtpSession, FakeTransport]:
+        session = _session()
+        transport = FakeTransport()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        account = SimpleNamespace(id=1, smtp_enabled=False)
+        session.sender = SimpleNamespace(account=account)  # type: ignore[assignment]
+        session.data_received(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\n")
+        return session, transport
+
+    session, transport = asyncio.run(scenario())
+    assert _replies(transport)[-1].startswith(b"550 5.7.1")
+    assert session._limit() == COMMAND_TIMEOUT
+
+
+class RecordingAuthenticator:
+    """Says no to every password, and notes which ones it was asked about."""
+
+    def __init__(self) -> None:
+        self.checked: list[tuple[str, str]] = []
+
+    def quick(self, ip: str, username: str, password: str) -> AuthResult | None:
+        if password:
+            self.checked.append((username, password))
+            return AuthResult("invalid")
+        return None
+
+
+def _auth_plain(message: str) -> tuple[list[bytes], list[tuple[str, str]]]:
+    authenticator = RecordingAuthenticator()
+
+    async def scenario() -> FakeTransport:
+        session = _session(
+            policy=replace(POLICY, allow_plaintext_auth=True), authenticator=authenticator
+        )
+        transport = FakeTransport()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        response = base64.b64encode(message.encode())
+        session.data_received(b"EHLO x\r\nAUTH PLAIN " + response + b"\r\n")
+        return transport
+
+    return _replies(asyncio.run(scenario())), authenticator.checked
+
+
+def test_auth_plain_as_somebody_else_is_refused_like_a_wrong_password() -> None:
+    """RFC 4616: act as the authzid or fail; this logged in as the authcid."""
+    replies, checked = _auth_plain("admin\0u\0secret")
+    assert replies[-1] == b"535 5.7.8 Authentication credentials invalid"
+    assert checked == []
+
+
+@pytest.mark.parametrize("authzid", ["", "u", "U"])
+def test_auth_plain_as_oneself_is_checked(authzid: str) -> None:
+    replies, checked = _auth_plain(f"{authzid}\0u\0secret")
+    assert replies[-1] == b"535 5.7.8 Authentication credentials invalid"
+    assert checked == [("u", "secret")]
+
+
+def _v2_header(tlv_length: int) -> bytes:
+    body = (
+        ipaddress.ip_address("203.0.113.7").packed
+        + ipaddress.ip_address("198.51.100.2").packed
+        + struct.pack("!HH", 40000, 25)
+        + b"\x04"  # PP2_TYPE_NOOP
+        + struct.pack("!H", tlv_length)
+        + bytes(tlv_length)
+    )
+    return b"\r\n\r\n\x00\r\nQUIT\n" + b"\x21\x11" + struct.pack("!H", len(body)) + body
+
+
+def test_a_long_proxy_v2_header_is_read_however_tcp_splits_it() -> None:
+    """A 631-byte header was taken in one read and refused as too long in two."""
+    header = _v2_header(600)
+    assert len(header) == 631
+    stream = header + b"EHLO x\r\n"
+
+    async def scenario() -> list[tuple[int, str, bool, list[bytes]]]:
+        results = []
+        for cut in range(1, len(stream)):
+            session = _session(settings=ListenerSettings(port=2525, proxy_protocol=True))
+            transport = FakeTransport()
+            session.connection_made(transport)  # type: ignore[arg-type]
+            session.data_received(stream[:cut])
+            session.data_received(stream[cut:])
+            replies = _replies(transport)
+            results.append((cut, session.client_ip, transport.closed, replies[:2]))
+        return results
+
+    for cut, client_ip, closed, replies in asyncio.run(scenario()):
+        assert (client_ip, closed) == ("203.0.113.7", False), cut
+        assert replies == [b"220 mail.postlane.test ESMTP Postlane", b"250-mail.postlane.test"]
