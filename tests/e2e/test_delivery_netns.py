@@ -300,11 +300,14 @@ def test_priority_1_overtakes_a_bulk_send(server: PostlaneServer, mxs: dict[str,
     assert rows_by_address(server, vip_id)[vip]["priority"] == 1
     assert {r["priority"] for r in rows_by_address(server, bulk_id).values()} == {3}
 
-    # Hold the domain, then release it: every row becomes due at the same moment.
+    # Hold the domain and release it (the rows keep their launch time), then
+    # retry it: every row becomes due at the same moment.
     server.cli("queue", "hold", "--domain", "prio.test")
     assert {r["status"] for r in rows_by_address(server, bulk_id).values()} == {"held"}
     assert rows_by_address(server, vip_id)[vip]["status"] == "held"
     server.cli("queue", "release", "--domain", "prio.test")
+    assert {r["status"] for r in rows_by_address(server, bulk_id).values()} == {"queued"}
+    server.cli("queue", "retry", "--domain", "prio.test")
 
     wait_statuses(server, bulk_id, lambda s: s == "delivered")
     wait_statuses(server, vip_id, lambda s: s == "delivered")
