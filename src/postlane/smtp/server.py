@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from postlane import metrics
 from postlane.config import ListenerSettings, Settings
@@ -34,6 +34,9 @@ from postlane.store.schema import utc_now
 from postlane.tenants.directory import TenantDirectory
 
 log = logging.getLogger("postlane.smtp")
+_NO_POSTMASTER: Final = p.Reply(
+    550, "5.1.1", ("<postmaster> needs a domain here: this server keeps no mailboxes",)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +354,12 @@ class SmtpSession(asyncio.Protocol):
         return None
 
     def _rcpt(self, event: p.Rcpt) -> p.Reply | None:
+        if "@" not in event.address:
+            # RCPT TO:<Postmaster>, the one address without a domain (RFC 5321
+            # section 4.5.1). Postlane keeps no mailboxes: queued, it would be
+            # sent to a domain called "postmaster"; refused as relaying, the
+            # reply would not say why.
+            return _NO_POSTMASTER
         if self.sender is not None:
             return None
         domain = event.address.rpartition("@")[2].lower()

@@ -314,3 +314,27 @@ def test_a_long_proxy_v2_header_is_read_however_tcp_splits_it() -> None:
     for cut, client_ip, closed, replies in asyncio.run(scenario()):
         assert (client_ip, closed) == ("203.0.113.7", False), cut
         assert replies == [b"220 mail.postlane.test ESMTP Postlane", b"250-mail.postlane.test"]
+
+
+@pytest.mark.parametrize("authenticated", [False, True])
+def test_rcpt_to_postmaster_without_a_domain_is_refused_saying_why(authenticated: bool) -> None:
+    """RFC 5321's domain-less <Postmaster> was queued for a domain named "postmaster"
+    (authenticated) or refused as relaying (not)."""
+
+    async def scenario() -> FakeTransport:
+        session = _session(directory=BounceDirectory())
+        transport = FakeTransport()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        if authenticated:
+            account = SimpleNamespace(id=1, smtp_enabled=True, unauthorised_sender_policy="alert")
+            session.sender = SimpleNamespace(account=account, user=None)  # type: ignore[assignment]
+            session._directory = SimpleNamespace(  # type: ignore[assignment]
+                snapshot=SimpleNamespace(accounts={})
+            )
+        session.data_received(b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n")
+        return transport
+
+    transport = asyncio.run(scenario())
+    assert _replies(transport)[-1] == (
+        b"550 5.1.1 <postmaster> needs a domain here: this server keeps no mailboxes"
+    )
