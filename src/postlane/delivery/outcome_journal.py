@@ -58,6 +58,9 @@ class OutcomeJournal:
         self._rotate_after = rotate_after
         self._files: dict[int, _File] = {}
         self._current = -1
+        # Tokens are never reused, not even after close(): a recording that
+        # arrives late must not count against a newer file's deliveries.
+        self._last_token = 0
 
     def append(self, delivery: Delivery) -> int:
         """Write ``delivery`` down; returns the token to give :meth:`recorded` later."""
@@ -107,7 +110,8 @@ class OutcomeJournal:
         except OSError as exc:
             raise StoreError(f"cannot create delivery journal {path}: {exc}") from exc
         fcntl.flock(fd, fcntl.LOCK_EX)
-        self._current = max(self._files, default=0) + 1
+        self._last_token += 1
+        self._current = self._last_token
         file = _File(path, fd)
         self._files[self._current] = file
         _write_all(file, json.dumps({"owner": self.owner}).encode() + b"\n")

@@ -66,6 +66,25 @@ def test_close_leaves_unrecorded_deliveries_to_a_sweep(tmp_path: Path) -> None:
     assert files(tmp_path) == []
 
 
+def test_a_recording_that_arrives_after_close_does_not_count_against_a_newer_file(
+    tmp_path: Path,
+) -> None:
+    # Tokens restarted at 1 after close(): the late recording of delivery 1
+    # released the new file, whose delivery 2 was not in the database yet.
+    journal = OutcomeJournal(tmp_path, OWNER)
+    old = journal.append(delivery(1))
+    journal.close()  # delivery 1 is left to a sweep
+    (orphan,) = orphans(tmp_path)
+    orphan.keep()
+    new = journal.append(delivery(2))
+    assert new != old
+    journal.recorded(old)
+    assert len(files(tmp_path)) == 2  # the new file keeps delivery 2 until it is recorded
+    journal.recorded(new)
+    journal.close()
+    assert len(files(tmp_path)) == 1  # only the old file, for the sweep
+
+
 def test_a_failed_recording_keeps_the_file_for_the_next_sweep(tmp_path: Path) -> None:
     journal = OutcomeJournal(tmp_path, OWNER)
     journal.append(delivery(7))
