@@ -84,6 +84,11 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._accepting = False
+        # Held while checking _accepting and queuing, and while stop() turns it
+        # off and queues its marker: without it a commit could pass the check,
+        # stop() could drain the queue, and the commit's item would land behind
+        # the drain and never be answered.
+        self._gate = threading.Lock()
         self._last_batch = 0
 
     async def open(self) -> None:
@@ -106,8 +111,9 @@ class GroupCommitter:
         """
         if self._thread is None:
             return
-        self._accepting = False
-        self._queue.put(_STOP)
+        with self._gate:
+            self._accepting = False
+            self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
         while True:
@@ -120,11 +126,12 @@ class GroupCommitter:
 
     async def commit(self, message: NewMessage) -> CommitResult:
         """Make the message durable; raises CommitFailed if it could not be."""
-        if not self._accepting:
-            raise CommitFailed("intake is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CommitResult] = loop.create_future()
-        self._queue.put(_Pending(message, future, loop))
+        with self._gate:
+            if not self._accepting:
+                raise CommitFailed("intake is not running")
+            self._queue.put(_Pending(message, future, loop))
         return await future
 
     # -- writer thread ---------------------------------------------------------------

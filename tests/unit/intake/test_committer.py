@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
@@ -449,3 +450,32 @@ def test_commit_during_stop_is_answered(
             await asyncio.wait_for(late, 1)
 
     asyncio.run(scenario())
+
+
+def test_a_commit_racing_stop_is_answered(db: Database, account: Account) -> None:
+    """stop() once fitted between a commit's check and its queuing.
+
+    The commit saw intake running, stop() turned it off and drained the queue,
+    and the commit's item landed after the drain: its session waited for ever.
+    Here stop() is started at exactly that point and given time to finish.
+    """
+    racing = GroupCommitter(db)
+    stopper = threading.Thread(target=racing.stop, daemon=True)
+
+    class RacingQueue(queue.SimpleQueue[Any]):
+        def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+            if stopper.ident is None and getattr(item, "message", None) is not None:
+                stopper.start()
+                stopper.join(0.3)  # without the gate, stop() is over by now
+            super().put(item, block, timeout)
+
+    racing._queue = RacingQueue()
+    racing.start()
+
+    async def scenario() -> CommitResult:
+        return await asyncio.wait_for(racing.commit(new_message(account.id)), 5)
+
+    result = run(scenario())
+    stopper.join(WAIT)
+    assert not stopper.is_alive()
+    assert message_ids(db) == [result.queue_id]
