@@ -107,7 +107,7 @@ _UNITS: Final = {
 _UNIT: Final = "|".join(sorted(_UNITS, key=len, reverse=True))  # longest first: "min" before "m"
 _HINT: Final = re.compile(
     r"\b(?:try|retry|wait|come\s+back|greylist(?:ed|ing)?|deferred)\b[^\d.;,\n]{0,20}?"
-    rf"(?:(\d{{1,2}}):(\d{{2}}):(\d{{2}})\b|(\d{{1,6}})\s*({_UNIT})\b)",
+    rf"(?:(\d{{1,2}}):(\d{{2}}):(\d{{2}})\b|(\d{{1,6}}(?:\.\d{{1,3}})?)\s*({_UNIT})\b)",
     re.IGNORECASE,
 )
 
@@ -115,7 +115,8 @@ _HINT: Final = re.compile(
 def parse_retry_hint(reply_text: str) -> timedelta | None:
     """How long a 4xx reply asks the sender to wait, or None if it does not say.
 
-    Reads the usual forms: "try again in 5 minutes", "retry in 300 seconds",
+    Reads the usual forms: "try again in 5 minutes", "retry in 1.5 hours",
+    "retry in 300 seconds",
     "Greylisted for 300 seconds", "please come back in 00:05:00". Texts that
     only say "later" — Gmail's ``4.7.28 ... Please try again later`` — give
     None, and the schedule decides. The first hint in the text wins.
@@ -124,6 +125,6 @@ def parse_retry_hint(reply_text: str) -> timedelta | None:
     if match is None:
         return None
     hours, minutes, seconds, count, unit = match.groups()
-    if count is not None:
-        return timedelta(seconds=int(count) * _UNITS[unit.lower()])
+    if count is not None:  # "1.5 hours" as well as "90 minutes"
+        return timedelta(seconds=round(float(count) * _UNITS[unit.lower()]))
     return timedelta(hours=int(hours), minutes=int(minutes), seconds=int(seconds))

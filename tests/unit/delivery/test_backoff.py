@@ -125,6 +125,8 @@ def test_naive_datetimes_are_refused() -> None:
         ("deferred for 1 hour", timedelta(hours=1)),
         ("RETRY AFTER 10 MIN", timedelta(minutes=10)),
         ("try again in 2 minutes or in 10 minutes", timedelta(minutes=2)),
+        ("421 4.7.0 Try again in 1.5 hours", timedelta(minutes=90)),  # once no hint at all
+        ("retry in 0.5 min", timedelta(seconds=30)),
     ],
 )
 def test_retry_hints(text: str, expected: timedelta) -> None:
