@@ -114,7 +114,12 @@ class SmtpSettings(_Section):
         50 * 1024 * 1024, ge=1024, description="Largest message accepted, in bytes (SIZE)"
     )
     max_recipients: int = Field(1000, ge=1, description="Recipients per message")
-    max_errors: int = Field(10, ge=1, description="Protocol errors before the session is closed")
+    max_errors: int = Field(
+        10,
+        ge=1,
+        description="Errors (protocol errors, failed logins, permanently refused recipients) "
+        "before the session is closed",
+    )
     max_line_length: int = Field(
         2048, ge=512, description="Longest command line in bytes, CRLF included"
     )

@@ -477,8 +477,10 @@ class Connection:
     def answer(self, reply: Reply | None = None) -> None:
         """Decide a pending MailFrom or Rcpt: None accepts, a 4xx/5xx Reply refuses.
 
-        A refusal here is the driver's policy, not a protocol error, so it does
-        not count towards ``max_errors``.
+        A refusal here is the driver's policy, not a protocol error, so it
+        mostly does not count towards ``max_errors``. A permanently refused
+        recipient does, as in Postfix: otherwise one connection could probe
+        for relaying, or for addresses, without end.
         """
         if self._closed:
             return
@@ -490,7 +492,10 @@ class Connection:
         if refusal is not None:
             if isinstance(event, Rcpt):
                 self._rcpt_rejected = True
-            self._out.append(refusal)
+            if isinstance(event, Rcpt) and reply is not None and reply.code >= 500:
+                self._reject(refusal)
+            else:
+                self._out.append(refusal)
         elif isinstance(event, MailFrom):
             self._mail = event
             self._out.append(_MAIL_OK)

@@ -1196,6 +1196,41 @@ def test_too_many_errors_closes_the_connection() -> None:
     assert driver.conn.closed
 
 
+def test_permanently_refused_recipients_count_as_errors() -> None:
+    # One connection could probe for relaying (554 5.7.1 per RCPT) without end.
+    driver = ready(replace(RELAY, max_errors=3))
+    denied = Reply(554, "5.7.1", ("Relay access denied",))
+    driver.refuse = {f"r{n}@example.net": denied for n in range(3)}
+    out = driver.send(
+        "MAIL FROM:<s@example.com>", *(f"RCPT TO:<r{n}@example.net>" for n in range(3))
+    )
+    assert out == [
+        "250 2.1.0 Ok",
+        "554 5.7.1 Relay access denied",
+        "554 5.7.1 Relay access denied",
+        "554 5.7.1 Relay access denied",
+        "421 4.7.0 Too many errors",
+    ]
+    assert driver.conn.closed
+
+
+def test_temporarily_refused_recipients_and_refused_senders_do_not_count() -> None:
+    driver = ready(replace(RELAY, max_errors=2))
+    busy = Reply(452, "4.5.3", ("Too many recipients",))
+    driver.refuse = {
+        "s@example.com": Reply(550, "5.7.1", ("Sender not allowed",)),
+        **{f"r{n}@example.net": busy for n in range(3)},
+    }
+    out = driver.send(
+        "MAIL FROM:<s@example.com>",
+        "MAIL FROM:<s@example.com>",
+        "MAIL FROM:<t@example.com>",
+        *(f"RCPT TO:<r{n}@example.net>" for n in range(3)),
+    )
+    assert "421 4.7.0 Too many errors" not in out
+    assert not driver.conn.closed
+
+
 def test_failed_auth_counts_as_an_error() -> None:
     driver = ready(replace(PLAINTEXT_AUTH, max_errors=2))
     wrong = "AUTH PLAIN " + b64("\0user\0guess")
