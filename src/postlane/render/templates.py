@@ -11,7 +11,13 @@ still works). On top of that this module:
 - raises on every refused attribute, where Jinja would quietly render an
   empty string, so an escape attempt is reported rather than hidden;
 - refuses ``*`` and ``**`` results big enough to exhaust memory;
-- stops output beyond :data:`MAX_OUTPUT_CHARS`.
+- stops output beyond :data:`MAX_OUTPUT_CHARS`;
+- stops a render after :data:`MAX_STEPS` loop iterations and calls, since
+  loops that write nothing (``{% for i in range(99999) %}{% for j in
+  range(99999) %}{% endfor %}{% endfor %}``) or a macro calling itself twice
+  over would otherwise hold a delivery thread for hours. Every ``for`` loop's
+  iterable is wrapped in a counter when the template is compiled (Jinja has
+  no hook inside a loop), and the sandbox's ``call`` counts calls.
 
 Missing variables render as empty, also along a path (``{{ user.name }}``
 with no ``user``): Mailgun's and Omnivery's Handlebars templates behave so,
@@ -28,31 +34,61 @@ records it as that recipient's failure.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Final, NoReturn
 
-from jinja2 import ChainableUndefined, Template, TemplateSyntaxError
+from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from postlane.errors import InvalidInput
 
-__all__ = ["MAX_OUTPUT_CHARS", "check_template", "render_template"]
+__all__ = ["MAX_OUTPUT_CHARS", "MAX_STEPS", "check_template", "render_template"]
 
 MAX_OUTPUT_CHARS: Final = 10_000_000
 """More output than this is a runaway loop, not an email (providers cap at 25-50 MB)."""
+MAX_STEPS: Final = 200_000
+"""Loop iterations and calls in one render: under a second of work, far beyond any email."""
 
 _MAX_POWER_BITS: Final = 100_000
 _TEMPLATE_FILE: Final = "<template>"  # Jinja's file name for code compiled from a string
 _COMPILED_CACHE: Final = 256
 
 
+class _Steps(threading.local):
+    """Loop iterations and calls of the render running on this thread."""
+
+    taken = 0
+
+
+_steps: Final = _Steps()
+_COUNTED: Final = "__postlane_counted__"  # the global every for-loop's iterable goes through
+
+
+def _step() -> None:
+    _steps.taken += 1
+    if _steps.taken > MAX_STEPS:
+        raise SecurityError(f"the template ran more than {MAX_STEPS} loop iterations and calls")
+
+
+def _counted(iterable: Iterable[Any]) -> Iterator[Any]:
+    for item in iterable:
+        _step()
+        yield item
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, with refusals that raise and a guard on repetition and powers."""
+    """The sandbox, with refusals that raise and a guard on repetition, powers and steps."""
 
     intercepted_binops = frozenset(("*", "**"))
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Count every call a template makes (a macro, range(), a method), then make it."""
+        _step()
+        return super().call(context, obj, *args, **kwargs)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
         """Raise at once: Jinja would return an undefined value that prints as nothing."""
@@ -84,6 +120,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 _ENVIRONMENTS: Final = {
     escaped: _Sandbox(autoescape=escaped, undefined=ChainableUndefined) for escaped in (True, False)
 }
+for _environment in _ENVIRONMENTS.values():
+    _environment.globals[_COUNTED] = _counted
 
 
 def render_template(
@@ -105,6 +143,7 @@ def render_template(
     template = _compiled(label, source, html)
     written = 0
     chunks: list[str] = []
+    _steps.taken = 0
     try:
         for chunk in template.generate(dict(variables)):
             written += len(chunk)
@@ -146,7 +185,12 @@ def _compiled(label: str, source: str, html: bool) -> Template:
 
 @functools.lru_cache(maxsize=_COMPILED_CACHE)
 def _compile(source: str, html: bool) -> Template:
-    return _ENVIRONMENTS[html].from_string(source)
+    environment = _ENVIRONMENTS[html]
+    tree = environment.parse(source)
+    for loop in tree.find_all(nodes.For):
+        counted = nodes.Call(nodes.Name(_COUNTED, "load"), [loop.iter], [], None, None)
+        loop.iter = counted.set_lineno(loop.lineno).set_environment(environment)
+    return environment.from_string(tree)
 
 
 def _runtime_problem(label: str, exc: Exception) -> str:

@@ -140,3 +140,46 @@ def test_endless_recursion_is_invalid_input() -> None:
     source = "{% macro again() %}{{ again() }}{% endmacro %}{{ again() }}"
     with pytest.raises(InvalidInput, match=r"^template 'deep': "):
         render_template(source, {}, name="deep")
+
+
+_SILENT_LOOPS = {
+    "nested loops": (
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+    ),
+    "loops over a list": (
+        "{% set l = range(99999)|list %}{% for a in l %}{% for b in l %}{% endfor %}{% endfor %}"
+    ),
+    "a macro calling itself twice": (
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}"
+    ),
+}
+
+
+@pytest.mark.parametrize("source", _SILENT_LOOPS.values(), ids=_SILENT_LOOPS.keys())
+def test_work_that_writes_nothing_is_stopped(source: str) -> None:
+    # No output, so the output limit never fired: each ran for hours and held
+    # a delivery thread (and its recipient) all that time.
+    with pytest.raises(InvalidInput, match=r"more than 200000 loop iterations and calls$"):
+        render_template(source, {}, name="spin")
+
+
+def test_the_step_budget_is_per_render(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(templates, "MAX_STEPS", 50)
+    source = "{% for i in items %}{{ i }}{% endfor %}"
+    for _ in range(3):  # each render starts afresh
+        assert render_template(source, {"items": list(range(40))}, html=False).endswith("39")
+    with pytest.raises(InvalidInput, match="more than 50 loop iterations"):
+        render_template(source, {"items": list(range(60))})
+
+
+def test_counted_loops_keep_their_features() -> None:
+    source = (
+        "{% for x in items if x > 1 %}{{ x }}{% endfor %}|"
+        "{% for x in missing %}x{% else %}empty{% endfor %}|"
+        "{% for i in range(3) %}{{ loop.index }}/{{ loop.length }} {% endfor %}|"
+        "{% for n in tree recursive %}{{ n.name }}({{ loop(n.children) }}){% endfor %}"
+    )
+    tree = [{"name": "a", "children": [{"name": "b", "children": []}]}]
+    assert render_template(source, {"items": [1, 2, 3], "tree": tree}, html=False) == (
+        "23|empty|1/3 2/3 3/3 |a(b())"
+    )
