@@ -12,6 +12,7 @@ without DNS: the equivalent of ``curl --resolve``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import signal
@@ -326,10 +327,23 @@ class PostlaneServer:
         return code, self.stdout
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs at all."""
+        """SIGKILL: no shutdown code runs at all; returns once its children are gone too.
+
+        The children (the commit and delivery processes) notice their parent's
+        death and stop, but one may still finish a commit it had begun, so a
+        test that read the store before they were gone could see a message's
+        recipient rows written after it read the messages.
+        """
         assert self.process is not None
+        orphans = children(self.process.pid)
         self.process.kill()
         self.process.wait()
+        deadline = time.monotonic() + 10
+        for pid in orphans:
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # still there after 10 s: as a crash would
         if self._reader is not None:
             self._reader.join(5)
 
@@ -344,6 +358,15 @@ class PostlaneServer:
             self._db.dispose()
             self._db = None
             self._store = None
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def children(pid: int) -> list[int]:
