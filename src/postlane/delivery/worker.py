@@ -585,7 +585,12 @@ class DeliveryWorker:
         await self._record_orphans()
         await self._record_unrecorded()
         now = self._clock()
-        reclaimed = await self._write(lambda conn: queue.reclaim_expired_leases(conn, now=now))
+        in_flight = frozenset(self._leased)
+        reclaimed = await self._write(
+            lambda conn: queue.reclaim_expired_leases(
+                conn, now=now, owner=self.owner, in_flight=in_flight
+            )
+        )
         expired = SWEEP_LIMIT
         total = 0
         while expired == SWEEP_LIMIT:

@@ -75,7 +75,7 @@ end with the rowid already.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -253,15 +253,28 @@ def renew_leases(
     return renewed
 
 
-def reclaim_expired_leases(conn: Connection, *, now: datetime) -> int:
+def reclaim_expired_leases(
+    conn: Connection,
+    *,
+    now: datetime,
+    owner: str | None = None,
+    in_flight: Collection[int] = (),
+) -> int:
     """Return rows whose lease ran out before ``now`` to ``deferred``, due at once.
 
     Their worker is presumed dead. Whether the message went out is unknown,
     so ``attempts`` is not increased; each row gets a ``lease_expired`` event
     naming the lost owner. On PostgreSQL a row whose worker is writing its
     outcome at this moment (and so holds its lock) is skipped: it is alive.
+
+    The sweeping worker (``owner``) is alive too, so its rows still in flight
+    (``in_flight``) are skipped even if their lease ran out (renewal failed
+    for a while): reclaimed, they could be leased again by the same owner,
+    and the outcome fence, which compares owners, could not tell the stale
+    attempt's outcome from the new one's.
     """
     _aware("now", now)
+    alive = frozenset(in_flight) if owner is not None else frozenset()
     r = recipients.c
     expired = (
         sa.select(r.id, r.lease_owner, r.lease_expires_at)
@@ -270,7 +283,11 @@ def reclaim_expired_leases(conn: Connection, *, now: datetime) -> int:
     )
     if conn.dialect.name == "postgresql":
         expired = expired.with_for_update(skip_locked=True)
-    lost = {row.id: row for row in conn.execute(expired)}
+    lost = {
+        row.id: row
+        for row in conn.execute(expired)
+        if not (row.id in alive and row.lease_owner == owner)
+    }
     changed: list[sa.Row[Any]] = []
     for chunk in _chunks(list(lost)):
         statement = (

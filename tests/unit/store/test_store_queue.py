@@ -369,6 +369,28 @@ def test_reclaim_returns_a_dead_workers_rows(db: Database, account: Account) -> 
         assert reclaim_expired_leases(conn, now=later) == 0
 
 
+def test_a_sweeping_worker_keeps_its_own_rows_in_flight(db: Database, account: Account) -> None:
+    # Its renewals failed for a while, so its lease ran out. Reclaimed by its
+    # own sweep, the row was leased again by the same owner, and the owner
+    # fence let the stale attempt's outcome overwrite the new one's.
+    mine, done_with = enqueue(db, account.id, "Q1", "a@x.org", "b@x.org")
+    (theirs,) = enqueue(db, account.id, "Q2", "c@x.org")
+    assert sorted(ids_of(lease(db, "w1", now=T0))) == sorted([mine, done_with, theirs])
+    with db.begin() as conn:  # c@ was leased by w1 too, but w1 lost track of it: stays fair game
+        conn.execute(
+            sa.update(recipients).where(recipients.c.id == theirs).values(lease_owner="w2")
+        )
+    later = T0 + LEASE + MINUTE
+    with db.begin() as conn:
+        reclaimed = reclaim_expired_leases(conn, now=later, owner="w1", in_flight={mine, theirs})
+    assert reclaimed == 2  # done_with (not in flight) and theirs (another owner's)
+    assert row(db, mine)["status"] == "sending"
+    assert row(db, mine)["lease_owner"] == "w1"
+    assert ids_of(lease(db, "w1", now=later)) == [done_with, theirs]  # mine is not leased twice
+    with db.begin() as conn:
+        assert mark_delivered(conn, mine, owner="w1", now=later, data={"mx": "a"})
+
+
 def test_a_late_outcome_from_a_reclaimed_lease_changes_nothing(
     db: Database, account: Account
 ) -> None:
