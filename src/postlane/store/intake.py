@@ -93,6 +93,11 @@ _FIND_DUPLICATES = (
     .where(messages.c.duplicate_of.is_(None))
     .group_by(messages.c.dedupe_key)
 )
+# Released at commit or rollback; a hash collision only makes two batches wait.
+_LOCK_KEYS = sa.text(
+    "SELECT pg_advisory_xact_lock(hashtextextended(k, 0))"
+    " FROM unnest(CAST(:keys AS text[])) WITH ORDINALITY AS t(k, n) ORDER BY n"
+)
 _INSERT_MESSAGES = messages.insert()
 _INSERT_RECIPIENTS = recipients.insert().returning(
     recipients.c.id, recipients.c.message_id, recipients.c.address
@@ -101,12 +106,21 @@ _INSERT_EVENTS = events.insert()
 
 
 def find_duplicates(conn: Connection, keys: Sequence[str], since: datetime) -> dict[str, str]:
-    """Dedupe key -> id of the message first accepted with it since ``since``."""
+    """Dedupe key -> id of the message first accepted with it since ``since``.
+
+    Call it in the transaction that then inserts the batch. On PostgreSQL it
+    first takes a transaction lock on each key: two committers (other nodes,
+    or other intake processes) could otherwise both find nothing and both
+    queue the same resubmission; the second now waits for the first's commit
+    and sees its message. SQLite has one writer at a time already.
+    """
     if not keys:
         return {}
     if conn.dialect.name == "sqlite":
         return _sqlite_intake.find_duplicates(conn, keys, since)
-    rows = conn.execute(_FIND_DUPLICATES, {"keys": sorted(set(keys)), "since": since})
+    ordered = sorted(set(keys))  # one order for every committer: no deadlock
+    conn.execute(_LOCK_KEYS, {"keys": ordered})
+    rows = conn.execute(_FIND_DUPLICATES, {"keys": ordered, "since": since})
     return {str(key): str(first) for key, first in rows}
 
 

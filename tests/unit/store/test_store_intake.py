@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -251,6 +253,41 @@ def test_find_duplicates_maps_keys_to_the_original(db: Database, account: Accoun
     with db.connect() as conn:
         found = find_duplicates(conn, ["k1", "k2", "k3", "k1"], T0 - timedelta(hours=1))
     assert found == {"k1": "Q1", "k2": "Q2"}
+
+
+def test_two_committers_cannot_both_miss_a_duplicate(
+    db: Database, account: Account, database_url: str
+) -> None:
+    """Each checks, then inserts: on PostgreSQL both once found nothing and both queued.
+
+    The first committer checks and holds its transaction open; the second,
+    on another connection, checks while the first is still open. It must wait
+    for the first's commit and find its message (SQLite: the writer lock).
+    """
+    other = Database.from_url(database_url)
+    checked = threading.Event()
+    second: list[dict[str, str]] = []
+
+    def later_committer() -> None:
+        checked.wait(5)
+        with other.begin() as conn:
+            second.append(find_duplicates(conn, ["k1"], T0 - timedelta(hours=1)))
+            if not second[0]:
+                insert_messages(conn, [new_message(account.id, "Q2", dedupe_key="k1")])
+
+    thread = threading.Thread(target=later_committer)
+    thread.start()
+    try:
+        with db.begin() as conn:
+            assert find_duplicates(conn, ["k1"], T0 - timedelta(hours=1)) == {}
+            checked.set()
+            time.sleep(0.3)  # the other committer checks now, or waits to
+            insert_messages(conn, [new_message(account.id, "Q1", dedupe_key="k1")])
+        thread.join(10)
+    finally:
+        other.dispose()
+    assert second == [{"k1": "Q1"}]
+    assert [m["id"] for m in rows(db, messages, messages.c.id)] == ["Q1"]
 
 
 def test_find_duplicates_without_keys_is_empty(db: Database, account: Account) -> None:
