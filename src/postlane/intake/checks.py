@@ -60,6 +60,12 @@ def check_message(
                 "Message contains 8-bit data but BODY=8BITMIME or SMTPUTF8 was not given",
             )
         _check_utf8_fields(section)
+    nul = data.find(b"\0", 0, section.body_offset)
+    if nul >= 0:
+        # RFC 5322 allows no NUL in a header, and PostgreSQL cannot store one in
+        # text: accepted, the message would fail every commit there with 451.
+        name = next((f.name for f in section.fields if b"\0" in f.raw), "the header section")
+        raise MessageRejected(550, "5.6.0", f"{name} header contains a NUL byte")
     marker = f"by {hostname} (Postlane)"
     hops = 0
     counts: dict[str, int] = {}

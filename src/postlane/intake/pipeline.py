@@ -269,15 +269,18 @@ def _control_or_message_id(name: str) -> bool:
 def _first(section: headers.HeaderSection, name: str) -> str | None:
     """The first ``name`` field's value, as text the database can store.
 
-    Submissions with header bytes that are not UTF-8 were refused by the
-    checks; mail to a bounce domain is kept as received, so its undecodable
-    bytes become U+FFFD here (the stored message keeps the bytes).
+    Submissions with header bytes that are not UTF-8, or NUL, were refused
+    by the checks; mail to a bounce domain is kept as received, so its
+    undecodable bytes and NULs become U+FFFD here (the stored message keeps
+    the bytes).
     """
     for f in section.fields:
         if f.name.lower() == name:
             value = f.value
             if not value.isascii():
                 value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            if "\0" in value:
+                value = value.replace("\0", "\ufffd")  # no database stores NUL in text
             return value
     return None
 

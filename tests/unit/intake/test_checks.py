@@ -163,6 +163,13 @@ def test_header_text_must_be_utf8_even_with_8bitmime() -> None:
     assert _check("Keywords: café\r\n".encode() + HEADERS + b"\r\n\xe9\r\n", eight_bit=True) == []
 
 
+def test_a_nul_byte_in_a_header_is_refused_naming_the_field() -> None:
+    # SQLite stored it; PostgreSQL refused every commit of it with 451.
+    data = HEADERS.replace(b"Subject: Hello", b"Subject: Hel\x00lo") + b"\r\nBody\r\n"
+    assert _reply(_rejected(data)) == "550 5.6.0 Subject header contains a NUL byte"
+    assert _check(HEADERS + b"\r\nA NUL in the body \x00 is the body's business\r\n") == []
+
+
 def test_header_from_address() -> None:
     section = parse_header_section(b'From: "B" <Bob.Smith@Example.COM>, c@d.e\r\n\r\n')
     assert header_from_address(section) == "Bob.Smith@example.com"

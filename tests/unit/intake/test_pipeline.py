@@ -793,3 +793,12 @@ def test_inbound_header_bytes_that_are_not_utf8_are_stored_as_replacement_charac
     assert message.subject == "caf\ufffd"
     message.subject.encode("utf-8")  # storable
     assert split_received(message.raw)[1] == data  # the bytes themselves are kept
+
+
+def test_inbound_nul_bytes_in_headers_are_stored_as_replacement_characters() -> None:
+    data = b"From: MAILER-DAEMON@mx.example.org\r\nSubject: odd\x00one\r\n\r\nbody\r\n"
+    envelope = make_envelope(
+        data, mail_from="", recipients=("b@bounce.acme.com",), tls=None, authenticated=False
+    )
+    message = inbound(7, envelope, queue_id=QUEUE_ID, now=NOW, limits=LIMITS)
+    assert message.subject == "odd\ufffdone"
