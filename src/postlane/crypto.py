@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from argon2 import PasswordHasher
@@ -23,30 +24,62 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from postlane.errors import ConfigError, SecretError
 
 SECRET_FILE = "secret.key"
+_MIN_KEY_BYTES = 32  # as for a configured secret_key
 _hasher = PasswordHasher()
 
 
 def load_or_create_master_key(configured: str | None, data_dir: Path) -> bytes:
-    """The master secret: the configured one, else data_dir/secret.key (created once, mode 0600)."""
+    """The master secret: the configured one, else data_dir/secret.key (created once, mode 0600).
+
+    The file appears whole or not at all: it is written and synced under a
+    temporary name and then linked into place, which fails if another process
+    got there first (its complete key is then used). Before, a process could
+    read the file between another's create and write, and a crash there left
+    an empty file; either way the master key was empty and every encrypted
+    secret readable by anyone. A key file that is too short is refused, not
+    replaced: the secrets encrypted under it would be lost with it.
+    """
     if configured:
         return configured.encode()
     path = data_dir / SECRET_FILE
     try:
-        return path.read_bytes().strip()
+        return _checked(path, path.read_bytes().strip())
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    data_dir.mkdir(parents=True, exist_ok=True)
     key = base64.urlsafe_b64encode(os.urandom(32))
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".secret-", dir=data_dir)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key + b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:  # another process made it first: use theirs
+                return _checked(path, path.read_bytes().strip())
+        finally:
+            os.unlink(temporary)
+        directory = os.open(data_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
+    return key
+
+
+def _checked(path: Path, key: bytes) -> bytes:
+    if len(key) < _MIN_KEY_BYTES:
+        raise ConfigError(
+            f"{path} holds {len(key)} bytes, not a key of at least {_MIN_KEY_BYTES}: restore it"
+            " from a backup (the DKIM keys and passwords encrypted under it need it), or"
+            " remove it only if nothing was ever encrypted under it"
+        )
     return key
 
 
