@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import zoneinfo
+from typing import Final
 
 from postlane.errors import InvalidInput
 
@@ -100,16 +101,28 @@ def authorised_senders(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(address(item) for item in split_list(value)))
 
 
+# The widest trusted network accepted, per family. A client inside sends as the
+# account without logging in: 0.0.0.0/0 would let anyone on the Internet do so.
+_WIDEST_PREFIX: Final = {4: 8, 6: 32}
+
+
 def networks(value: str) -> tuple[str, ...]:
     """Trusted networks: IP addresses or CIDR blocks separated by ',' or ';'."""
     result: list[str] = []
     for item in split_list(value):
         try:
-            result.append(str(ipaddress.ip_network(item, strict=False)))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise InvalidInput(
                 f"invalid network {item!r}: expected an IP address or CIDR like 10.1.0.0/16"
             ) from None
+        widest = _WIDEST_PREFIX[network.version]
+        if network.prefixlen < widest:
+            raise InvalidInput(
+                f"network {item!r} is too wide to trust: anyone in it could send as the"
+                f" account without logging in; give a /{widest} or narrower"
+            )
+        result.append(str(network))
     return tuple(dict.fromkeys(result))
 
 

@@ -61,6 +61,14 @@ def test_semicolon_lists() -> None:
         validate.authorised_senders("info@a.com;nobody")
 
 
+@pytest.mark.parametrize("wide", ["0.0.0.0/0", "128.0.0.0/1", "10.0.0.0/7", "::/0", "2001::/31"])
+def test_a_network_too_wide_to_trust_is_refused(wide: str) -> None:
+    # 0.0.0.0/0 was taken: anyone could then send as the account without AUTH.
+    with pytest.raises(InvalidInput, match="too wide to trust"):
+        validate.networks(f"192.0.2.7, {wide}")
+    assert validate.networks("10.0.0.0/8, 2001:db8::/32") == ("10.0.0.0/8", "2001:db8::/32")
+
+
 def test_networks_and_timezone() -> None:
     assert validate.networks("10.1.0.0/16, 192.0.2.7") == ("10.1.0.0/16", "192.0.2.7/32")
     with pytest.raises(InvalidInput, match=r"invalid network '10\.1\.0\.0/33'"):
