@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from postlane import crypto
 from postlane.errors import InvalidInput
 from postlane.options import SendOptions
@@ -158,6 +160,7 @@ def create_smtp_user(
     password_hash = crypto.hash_password(password)
     with db.begin() as conn:
         account = account_store.get_account(conn, account_name)
+        _refuse_a_login_clash(conn, name)
         user = user_store.create_smtp_user(
             conn,
             account.id,
@@ -172,6 +175,21 @@ def create_smtp_user(
         if not active:
             user = user_store.update_smtp_user(conn, user.id, active=False)
     return NewCredentials(user, password)
+
+
+def _refuse_a_login_clash(conn: Connection, name: str) -> None:
+    """Refuse a username that differs from an existing one only in letter case.
+
+    Logins ignore case (the server looks names up lower-cased), but the
+    database's unique index folds only ASCII: "Émile" and "émile" could both
+    be created, and one of them could then never log in.
+    """
+    folded = name.lower()
+    for user in user_store.list_smtp_users(conn, None):
+        if user.username.lower() == folded:
+            raise InvalidInput(
+                f"an SMTP user named {user.username!r} exists already; usernames ignore case"
+            )
 
 
 def list_smtp_users(db: Database, account_name: str | None = None) -> list[SmtpUser]:
