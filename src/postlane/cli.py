@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from postlane import config, crypto
-from postlane.errors import PostlaneError
+from postlane.errors import InvalidInput, PostlaneError
+from postlane.options._values import MAX_JSON_DEPTH
 from postlane.store import Database, migrate
 from postlane.store.accounts import Account
 from postlane.store.smtp_users import SmtpUser
@@ -30,8 +32,9 @@ if TYPE_CHECKING:
 
     from postlane.store.templates import Template as StoredTemplate
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No emoji codes: a stored ":warning:" in a subject is text, not a picture.
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 @dataclass
@@ -164,15 +167,18 @@ def serve(
         delivery = [*base, "serve", "--role", "delivery", "--no-metrics"]
         children.append(ChildRole("delivery", delivery))
         roles = tuple(r for r in roles if r != "delivery")
-    runtime.run(
-        settings,
-        _state.db,
-        _state.master_key,
-        roles,
-        metrics=metrics,
-        first=first,
-        children=children,
-    )
+    try:
+        runtime.run(
+            settings,
+            _state.db,
+            _state.master_key,
+            roles,
+            metrics=metrics,
+            first=first,
+            children=children,
+        )
+    except OSError as exc:
+        _fail(_os_problem(exc))
 
 
 @app.command()
@@ -186,12 +192,15 @@ def init(
     target = _state.config_file or Path(config.DEFAULT_CONFIG_FILE)
     if target.exists() and not force:
         _fail(f"{target} exists already (use --force to overwrite)")
-    target.write_text(config.example_toml())
-    out.print(f"wrote {target}")
+    try:
+        target.write_text(config.example_toml())
+    except OSError as exc:
+        _fail(f"cannot write {target}: {_os_reason(exc)}")
+    out.print(f"wrote {target}", markup=False)
     _state.config_file = target
     _state.box  # noqa: B018 - creates data_dir/secret.key when no secret_key is set
     migrate.upgrade(_state.raw_db)
-    out.print(f"database ready: {_state.raw_db.url}")
+    out.print(f"database ready: {_state.raw_db.url}", markup=False)
 
 
 @db_app.command("upgrade")
@@ -202,7 +211,7 @@ def db_upgrade() -> None:
     """
     db = _state.raw_db
     migrate.upgrade(db)
-    out.print(f"database at revision {migrate.current_revision(db)}")
+    out.print(f"database at revision {migrate.current_revision(db)}", markup=False)
 
 
 @config_app.command("show")
@@ -235,7 +244,8 @@ def account_list() -> None:
     """
     table = Table("id", "name", "smtp", "sender policy", "attachments", "created")
     for a in admin.list_accounts(_state.db):
-        table.add_row(
+        _add_row(
+            table,
             str(a.id),
             a.name,
             "enabled" if a.smtp_enabled else "disabled",
@@ -273,7 +283,7 @@ def _print_account(a: Account) -> None:
         "default options": _json(a.default_options),
     }
     for key, value in rows.items():
-        table.add_row(key, value)
+        _add_row(table, key, value)
     out.print(table)
 
 
@@ -316,6 +326,7 @@ def account_update(
 
     Example: postlane account update acme --unauthorised-sender block --trusted-networks 10.1.0.0/16
     """
+    _check_json_depth("--default-options", default_options)
     changes = admin.AccountChanges(
         smtp_enabled=smtp,
         allow_email_login=email_login,
@@ -359,6 +370,7 @@ def user_create(
 
     Example: postlane smtp-user create --account acme --authorised-domains acme.com app1
     """
+    _check_json_depth("--default-options", default_options)
     creds = admin.create_smtp_user(
         _state.db,
         account,
@@ -384,7 +396,8 @@ def user_list(
     table = Table("username", "account", "active", "priority", "domains", "senders", "note")
     names = {a.id: a.name for a in admin.list_accounts(_state.db)}
     for u in admin.list_smtp_users(_state.db, account):
-        table.add_row(
+        _add_row(
+            table,
             u.username,
             names.get(u.account_id, str(u.account_id)),
             _yes(u.active),
@@ -438,6 +451,7 @@ def user_update(
 
     Example: postlane smtp-user update app1 --priority 1 --authorised-senders "info@acme.com"
     """
+    _check_json_depth("--default-options", default_options)
     changes = admin.SmtpUserChanges(
         priority=priority,
         note=note,
@@ -502,7 +516,8 @@ def domain_list(
     table = Table("domain", "account", "selector", "return path", "spf", "dkim", "dmarc")
     names = {a.id: a.name for a in admin.list_accounts(_state.db)}
     for d in admin.list_domains(_state.db, account):
-        table.add_row(
+        _add_row(
+            table,
             d.name,
             names.get(d.account_id, str(d.account_id)),
             d.dkim_selector + (f", {d.ed25519_selector}" if d.ed25519_selector else ""),
@@ -559,7 +574,7 @@ def message_show(
         ("size", f"{m.size} bytes"),
         ("client", f"{m.client_ip or '-'} ({m.tls or 'no TLS'})"),
     ):
-        table.add_row(key, value)
+        _add_row(table, key, value)
     out.print(table)
     options = SendOptions.from_json(m.options) if m.options else SendOptions()
     asked = {
@@ -576,7 +591,8 @@ def message_show(
             out.print(f"  - {entry}", markup=False)
     rtable = Table("recipient", "status", "priority", "next attempt", "expires", "attempts")
     for r in rcpts:
-        rtable.add_row(
+        _add_row(
+            rtable,
             r.address,
             r.status,
             str(r.priority),
@@ -587,7 +603,7 @@ def message_show(
     out.print(rtable)
     etable = Table("time (UTC)", "event", "details")
     for e in timeline:
-        etable.add_row(f"{e.created_at:%Y-%m-%d %H:%M:%S}", e.type, _json(e.data))
+        _add_row(etable, f"{e.created_at:%Y-%m-%d %H:%M:%S}", e.type, _json(e.data))
     out.print(etable)
 
 
@@ -633,7 +649,8 @@ def message_archive(
         _fail(f"no archived copies of message {queue_id} (sent without X-JobOption 128?)")
     table = Table("recipient id", "recipient", "bytes", "archived (UTC)")
     for copy in copies:
-        table.add_row(
+        _add_row(
+            table,
             str(copy.recipient_id),
             copy.address,
             str(len(copy.data)),
@@ -692,7 +709,8 @@ def queue_list(
         "from", "subject", "last reply",
     )  # fmt: skip
     for r in rows:
-        table.add_row(
+        _add_row(
+            table,
             str(r.id),
             r.message_id,
             names.get(r.account_id, str(r.account_id)),
@@ -740,11 +758,11 @@ def queue_show(recipient_id: Annotated[str, typer.Argument(help="Recipient id")]
         ("envelope from", r.mail_from or "<>"),
         ("subject", r.subject or ""),
     ):
-        table.add_row(key, value)
+        _add_row(table, key, value)
     out.print(table)
     etable = Table("time (UTC)", "event", "details")
     for e in timeline:
-        etable.add_row(f"{e.created_at:%Y-%m-%d %H:%M:%S}", e.type, _json(e.data))
+        _add_row(etable, f"{e.created_at:%Y-%m-%d %H:%M:%S}", e.type, _json(e.data))
     out.print(etable)
 
 
@@ -907,7 +925,7 @@ def template_list(account: _TemplateAccount) -> None:
         found = template_store.list_templates(conn, _account_id(conn, account))
     table = Table("name", "parts", "subject", "updated")
     for t in found:
-        table.add_row(t.name, _parts(t), t.subject or "", f"{t.updated_at:%Y-%m-%d %H:%M}")
+        _add_row(table, t.name, _parts(t), t.subject or "", f"{t.updated_at:%Y-%m-%d %H:%M}")
     out.print(table)
 
 
@@ -1049,7 +1067,8 @@ def suppression_list(
     table = Table("address", "list", "applies", "detail", "added (UTC)")
     for entry in found:
         bit = OPTIONAL_LISTS.get(entry.reason)
-        table.add_row(
+        _add_row(
+            table,
             entry.address,
             entry.reason,
             "always" if bit is None else f"X-ListOption {bit}",
@@ -1122,6 +1141,16 @@ def suppression_import(
 # -- helpers -----------------------------------------------------------------------------
 
 
+def _add_row(table: Table, *values: str) -> None:
+    """Add a row whose cells are plain text, never Rich markup.
+
+    Why: cells hold what customers and remote servers wrote (subjects,
+    addresses, replies, notes). Read as markup, ``[/hide]`` crashes the
+    command and ``[link=...]`` hides a hyperlink in the operator's terminal.
+    """
+    table.add_row(*(Text(value) for value in values))
+
+
 def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
@@ -1130,6 +1159,64 @@ def _json(value: object) -> str:
     import json
 
     return json.dumps(value, sort_keys=True) if value else "none"
+
+
+def _check_json_depth(option: str, text: str | None) -> None:
+    """Refuse JSON nested deeper than :data:`MAX_JSON_DEPTH`, before it is parsed.
+
+    Why: the JSON parser and the option checks recurse, so ``[[[[...`` a
+    hundred thousand deep would end in a RecursionError traceback instead of
+    an answer. Counted without parsing, so the check cannot recurse itself.
+    """
+    if text is None:
+        return
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidInput(
+                    f"{option}: JSON nested too deep (more than {MAX_JSON_DEPTH} levels)"
+                )
+        elif char in "]}":
+            depth -= 1
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's reason for ``exc`` in lower case, without the errno noise."""
+    import os
+
+    reason = os.strerror(exc.errno) if exc.errno is not None else str(exc.strerror or exc)
+    return reason[:1].lower() + reason[1:]
+
+
+def _os_problem(exc: OSError) -> str:
+    """One line for an OSError from serving: which address could not be bound, and why.
+
+    Why: asyncio reports a busy port as ``[Errno 98] error while attempting to
+    bind on address ('127.0.0.1', 2525): ...``; the operator needs the address
+    and the reason, not the tuple or a traceback.
+    """
+    import re
+
+    found = re.search(r"address \('([^']*)', (\d+)", str(exc))
+    if found:
+        host, port = found.groups()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"cannot listen on {where}: {_os_reason(exc)}"
+    if exc.filename is not None:
+        return f"{exc.filename}: {_os_reason(exc)}"
+    return f"cannot serve: {_os_reason(exc)}"
 
 
 def _fail(message: str) -> NoReturn:
@@ -1143,4 +1230,13 @@ def main() -> None:
         app()
     except PostlaneError as exc:
         err.print(f"error: {exc}", markup=False)
+        sys.exit(1)
+    except RecursionError:
+        # A last guard: input nested past what the checks above foresee.
+        err.print("error: input nested too deep", markup=False)
+        sys.exit(1)
+    except OSError as exc:
+        # A file or socket problem no command caught itself: still one line.
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        err.print(f"error: {where}{_os_reason(exc)}", markup=False)
         sys.exit(1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -31,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from postlane.errors import ConfigError
 
@@ -38,6 +40,13 @@ CONFIG_ENV = "POSTLANE_CONFIG"
 DEFAULT_CONFIG_FILE = "postlane.toml"
 
 TlsMode = Literal["none", "starttls", "implicit"]
+
+#: An ASCII domain name: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
+    re.ASCII,
+)
 
 
 class _Section(BaseModel):
@@ -446,10 +455,19 @@ class Settings(BaseSettings):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, value: str) -> str:
-        labels = value.rstrip(".").split(".")
-        if not value or any(not label or len(label) > 63 for label in labels):
-            raise ValueError(f"not a host name: {value!r}")
-        return value.rstrip(".").lower()
+        # The name goes verbatim into the SMTP banner and EHLO: a CR/LF or a
+        # space would break every greeting, and SMTP has no room for Unicode
+        # there, so an IDN must be given in its ASCII (xn--) form.
+        name = value.rstrip(".")
+        if not _HOST_NAME.fullmatch(name) or len(name) > 253:
+            hint = (
+                " (give an internationalised name in its xn-- form)" if not value.isascii() else ""
+            )
+            raise ValueError(
+                "not a host name: use letters, digits, hyphens and dots, "
+                f"labels of 1 to 63 characters{hint}"
+            )
+        return name.lower()
 
     @field_validator("database_url")
     @classmethod
@@ -506,18 +524,49 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
 
 
+#: Settings whose value is a table that holds a credential (a relay's
+#: password). Given as text instead (a malformed JSON variable), that text is
+#: never repeated: it is likely to contain the password.
+_SECRET_TABLES = ("delivery", "smarthost", "transports")
+_SECRET_WORDS = ("password", "passwd", "secret", "token", "credential")
+_URL_USERINFO = re.compile(r"://[^/?#\s]*@")
+
+
 def _is_secret(key: str) -> bool:
-    return "secret" in key or key.rsplit(".", 1)[-1] == "password"
+    leaf = key.rsplit(".", 1)[-1].lower()
+    return any(word in leaf for word in _SECRET_WORDS)
+
+
+def _holds_secrets(key: str) -> bool:
+    """Whether ``key`` names a relay table (or one entry of the transports list)."""
+    parts = [part for part in key.lower().split(".") if not part.isdigit()]
+    return bool(parts) and parts[-1] in _SECRET_TABLES
+
+
+def _looks_secret(value: str) -> bool:
+    """Whether text seems to carry a credential whatever its key is called.
+
+    Why: a JSON blob or URL given for a harmless-looking key can hold a
+    password that the key's name does not announce.
+    """
+    lowered = value.lower()
+    return any(word in lowered for word in _SECRET_WORDS) or bool(_URL_USERINFO.search(value))
 
 
 def _masked(value: Any, key: str) -> Any:
     """``value`` for an error message, with every secret in it (nested ones too) masked."""
-    if isinstance(value, SecretStr) or (_is_secret(key) and value is not None):
+    if isinstance(value, SecretStr) or (value is not None and _is_secret(key)):
         return "***"
     if isinstance(value, dict):
         return {k: _masked(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, list):
         return [_masked(v, key) for v in value]
+    if isinstance(value, str) and key == "database_url":
+        from postlane.store.db import mask_url
+
+        return mask_url(value)
+    if isinstance(value, str) and (_holds_secrets(key) or _looks_secret(value)):
+        return "***"
     return value
 
 
@@ -534,7 +583,12 @@ def _describe(error: dict[str, Any]) -> str:
             f"setting '{key}.{context['missing']}' is required "
             f"when '{key}.{context['given']}' is set"
         )
-    return f"setting {key!r} = {_masked(error.get('input'), key)!r}: {message}"
+    given = error.get("input")
+    shown = _masked(given, key)
+    if isinstance(given, str) and given and shown != given:
+        # The message itself may quote what was given.
+        message = message.replace(given, str(shown))
+    return f"setting {key!r} = {shown!r}: {message}"
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -548,6 +602,24 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         where = f" (in {source})" if source is not None else ""
         problems = "; ".join(_describe(dict(err)) for err in exc.errors())
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
+    except SettingsError as exc:
+        # Raised when a POSTLANE_* variable for a table or list is not JSON.
+        # The value is not repeated: it may be a relay table with a password.
+        raise ConfigError(_describe_env_error(exc)) from None
+
+
+def _describe_env_error(exc: SettingsError) -> str:
+    found = re.search(r'field "([^"]+)"', str(exc))
+    field = found.group(1) if found else "?"
+    variable = f"POSTLANE_{field.upper()}"
+    cause = exc.__cause__ or exc.__context__
+    reason = ""
+    if isinstance(cause, ValueError) and hasattr(cause, "msg") and hasattr(cause, "colno"):
+        reason = f" ({cause.msg} at column {cause.colno})"
+    return (
+        f"invalid configuration: environment variable {variable} or {variable}__* "
+        f"for setting {field!r} is not valid JSON{reason}"
+    )
 
 
 def effective_settings(settings: Settings) -> dict[str, Any]:

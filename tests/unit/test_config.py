@@ -330,3 +330,77 @@ def test_an_error_about_a_list_of_transports_does_not_show_their_passwords(
     assert "domain 'a.test' has more than one transport" in message
     assert "hunter2" not in message and "swordfish" not in message
     assert "'password': '***'" in message
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mail.example.com\r\nX", "mail example.com", "bücher.example", "-bad.example", "a..b"],
+)
+def test_hostname_must_be_an_ascii_domain_name(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTLANE_HOSTNAME", name)
+    with pytest.raises(ConfigError, match=r"'hostname'.*not a host name") as info:
+        config.load_settings()
+    assert "\n" not in str(info.value) and "\r" not in str(info.value)
+
+
+def test_hostname_in_xn_form_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTLANE_HOSTNAME", "Mail.XN--bcher-kva.example.")
+    assert config.load_settings().hostname == "mail.xn--bcher-kva.example"
+
+
+def test_hostname_error_names_the_xn_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTLANE_HOSTNAME", "mail.bücher.example")
+    with pytest.raises(ConfigError, match="xn--"):
+        config.load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("POSTLANE_SMTP", "{bad"), ("POSTLANE_SMTP__LISTENERS", "notjson")],
+)
+def test_environment_json_errors_are_config_errors(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=r"POSTLANE_SMTP.*'smtp' is not valid JSON"):
+        config.load_settings()
+
+
+def test_malformed_smarthost_error_hides_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "POSTLANE_DELIVERY__SMARTHOST",
+        '{"host":"relay.example","username":"u","password":"Hunter2SecretPw"',
+    )
+    with pytest.raises(ConfigError, match=r"delivery.smarthost") as info:
+        config.load_settings()
+    assert "Hunter2SecretPw" not in str(info.value)
+
+
+def test_secret_inside_a_parent_table_is_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTLANE_DELIVERY", '{"smarthost": "u:Hunter2SecretPw"}')
+    with pytest.raises(ConfigError) as info:
+        config.load_settings()
+    assert "Hunter2SecretPw" not in str(info.value)
+
+
+def test_transport_given_as_text_is_not_repeated(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[delivery]\ntransports = ["relay.example u hunter2"]\n')
+    with pytest.raises(ConfigError, match=r"delivery.transports.0") as info:
+        config.load_settings(path)
+    assert "hunter2" not in str(info.value)
+
+
+def test_bad_database_url_error_hides_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTLANE_DATABASE_URL", "mysql://u:s3cretpw@h/db")
+    with pytest.raises(ConfigError, match=r"database_url.*must start with") as info:
+        config.load_settings()
+    assert "s3cretpw" not in str(info.value)
+
+
+def test_config_show_masks_passwords_in_the_database_url_query(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("POSTLANE_DATABASE_URL", "postgresql://u:s3cretpw@h/db?password=qsecret")
+    shown = config.effective_settings(config.load_settings())["database_url"]
+    assert shown == "postgresql://u:***@h/db?password=***"

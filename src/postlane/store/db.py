@@ -8,11 +8,11 @@ they run on (the queue will, for ``SKIP LOCKED``).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -33,15 +33,42 @@ PG_CONNECT_TIMEOUT_S = 10
 
 # Used only when a URL is too broken to parse: mask from the first
 # "user:" to the last "@", which over-masks rather than leaks.
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:).*@")
 
 
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe for logs and errors."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (exc.ArgumentError, ValueError):
-        return _PASSWORD_IN_URL.sub(r"\1***@", url)
+    """``url`` with any password replaced by ``***``, safe for logs and errors.
+
+    Parsed by hand rather than with a URL parser, because the URLs that reach
+    error messages are often the broken ones: a password with a raw ``@``
+    (``u:pa@ss@host``) must be masked up to the *last* ``@`` of the authority,
+    or its tail would read as the host name and be shown. Query parameters that
+    carry credentials (``?password=``, libpq's ``sslpassword``, tokens, keys)
+    are masked too.
+    """
+
+    def masked_item(item: str) -> str:
+        name, eq, _value = item.partition("=")
+        lowered = unquote(name).lower()
+        secret = any(w in lowered for w in ("password", "passwd", "secret", "token"))
+        secret = secret or lowered.endswith(("pass", "pwd", "key"))
+        return f"{name}=***" if eq and secret else item
+
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    # The user part ends at the last "@": an "@" in the path or query cannot
+    # be told apart from one in a password, so this over-masks rather than leaks.
+    at = rest.rfind("@")
+    userinfo, host_and_rest = (rest[:at], rest[at + 1 :]) if at >= 0 else ("", rest)
+    user, colon, _password = userinfo.partition(":")
+    if colon and not any(c in user for c in "/?#"):
+        userinfo = f"{user}:***"
+    path, qmark, query = host_and_rest.partition("?")
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        query = "&".join(masked_item(item) for item in query.split("&")) + hash_ + fragment
+    prefix = f"{userinfo}@" if at >= 0 else ""
+    return f"{scheme}://{prefix}{path}{qmark}{query}"
 
 
 class Database:

@@ -188,7 +188,7 @@ def _refuse_a_login_clash(conn: Connection, name: str) -> None:
     for user in user_store.list_smtp_users(conn, None):
         if user.username.lower() == folded:
             raise InvalidInput(
-                f"an SMTP user named {user.username!r} exists already; usernames ignore case"
+                f"SMTP user {name!r} exists (as {user.username!r}; usernames ignore case)"
             )
 
 

@@ -244,3 +244,17 @@ def test_connect_reads_committed_data(db: Database) -> None:
         created = create_account(conn, "visible")
     with db.connect() as conn:
         assert get_account(conn, "visible") == created
+
+
+def test_mask_url_masks_up_to_the_last_at_sign() -> None:
+    assert mask_url("postgresql://user:pa@ss@host/db") == "postgresql://user:***@host/db"
+    assert mask_url("postgresql://u:p/a?s@h/db") == "postgresql://u:***@h/db"
+
+
+def test_mask_url_masks_secret_query_parameters() -> None:
+    url = "postgresql://u:s3cretpw@h/db?password=qsecret&x=1&sslpassword=a&pwd=b&api_key=c#f"
+    assert mask_url(url) == (
+        "postgresql://u:***@h/db?password=***&x=1&sslpassword=***&pwd=***&api_key=***#f"
+    )
+    kept = "postgresql://u@h/db?options=-csearch_path%3Dx"
+    assert mask_url(kept) == kept
