@@ -10,6 +10,9 @@ invalidates it even before it is dropped.
 
 Guessing is throttled per client IP and per username: past the limit the
 session is closed with ``421 4.7.0`` before any verification work is done.
+Verifications still running count against the limit too (``reserve``): failures
+are only known once Argon2 has finished, so otherwise hundreds of connections
+guessing at once would all be verified before the first failure was counted.
 """
 
 from __future__ import annotations
@@ -93,13 +96,19 @@ class CredentialCache:
 
 
 class FailureThrottle:
-    """Counts failed AUTH attempts per client IP and per username in a sliding window."""
+    """Counts failed AUTH attempts per client IP and per username in a sliding window,
+    and the verifications under way, so that together they stay within the limit."""
 
     def __init__(self, max_failures: int, window: float, *, clock: Clock = time.monotonic):
         self._max = max_failures
         self._window = window
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
+        self._pending: dict[str, int] = {}  # verifications under way, by key
+
+    @staticmethod
+    def _keys(ip: str, username: str | None) -> list[str]:
+        return [f"ip:{ip}"] + ([f"user:{username.lower()}"] if username else [])
 
     def _recent(self, key: str) -> int:
         times = self._failures.get(key)
@@ -114,15 +123,49 @@ class FailureThrottle:
         return len(times)
 
     def blocked(self, ip: str, username: str | None = None) -> bool:
-        """True when the IP, or the username, has failed too often recently."""
+        """True when the IP, or the username, has failed too often recently.
+
+        Verifications under way do not count here: this is also asked before
+        a remembered credential is accepted, which costs nothing to check.
+        """
         if self._recent(f"ip:{ip}") >= self._max:
             return True
         return username is not None and self._recent(f"user:{username.lower()}") >= self._max
 
-    def record_failure(self, ip: str, username: str | None) -> None:
-        now = self._clock()
-        keys = [f"ip:{ip}"] + ([f"user:{username.lower()}"] if username else [])
+    def reserve(self, ip: str, username: str | None) -> bool:
+        """Claim room for one slow verification; False when recent failures and
+        verifications under way already reach the limit for the IP or the username.
+
+        Every True must be followed by exactly one ``release`` (or one
+        ``record_failure(..., reserved=True)``), whatever the outcome.
+        """
+        keys = self._keys(ip, username)
+        if any(self._recent(key) + self._pending.get(key, 0) >= self._max for key in keys):
+            return False
         for key in keys:
+            self._pending[key] = self._pending.get(key, 0) + 1
+        return True
+
+    def release(self, ip: str, username: str | None) -> None:
+        """Give back a reservation (the verification ended, whatever it found)."""
+        for key in self._keys(ip, username):
+            left = self._pending.get(key, 0) - 1
+            if left > 0:
+                self._pending[key] = left
+            else:
+                self._pending.pop(key, None)
+
+    def in_progress(self, ip: str, username: str | None = None) -> int:
+        """Reservations held for the IP (or the username when given): for tests and metrics."""
+        key = f"user:{username.lower()}" if username else f"ip:{ip}"
+        return self._pending.get(key, 0)
+
+    def record_failure(self, ip: str, username: str | None, *, reserved: bool = False) -> None:
+        """Count a failure; ``reserved`` turns the attempt's reservation into it."""
+        if reserved:
+            self.release(ip, username)
+        now = self._clock()
+        for key in self._keys(ip, username):
             times = self._failures.setdefault(key, deque(maxlen=self._max))
             times.append(now)
         if len(self._failures) > 100_000:

@@ -73,15 +73,35 @@ class Authenticator:
         return None
 
     async def verify(self, ip: str, username: str, password: str) -> AuthResult:
-        """The full check, Argon2 in a worker thread so other sessions keep going."""
+        """The full check, Argon2 in a worker thread so other sessions keep going.
+
+        A new Argon2 run first reserves room under the failure limit (per IP
+        and per username): failures are only known when it ends, and without
+        the reservation many connections guessing at once would all be
+        verified (CPU and 64 MiB apiece) before the first failure counted.
+        Joining a run already under way for the same credential costs nothing
+        more, so it needs no reservation; its failure still counts.
+        """
         user = self._usable(username)
         password_hash = user.password_hash if user is not None else _dummy_hash()
-        matched = await self._verify_once(username, password, password_hash)
+        reserved = (username.lower(), password, password_hash) not in self._in_flight
+        if reserved and not self._throttle.reserve(ip, username):
+            metrics.SMTP_AUTH_FAILURES.labels("throttled").inc()
+            log.warning("auth throttled ip=%s user=%r: too many attempts at once", ip, username)
+            return AuthResult("throttled")
+        try:
+            matched = await self._verify_once(username, password, password_hash)
+        except BaseException:
+            if reserved:
+                self._throttle.release(ip, username)
+            raise
         user = self._usable(username)  # the snapshot may have been refreshed meanwhile
         if matched and user is not None and user.password_hash == password_hash:
+            if reserved:
+                self._throttle.release(ip, username)
             self._cache.remember(username, password, password_hash, owner=user.username)
             return AuthResult("ok", user)
-        self._throttle.record_failure(ip, username)
+        self._throttle.record_failure(ip, username, reserved=reserved)
         metrics.SMTP_AUTH_FAILURES.labels("invalid").inc()
         log.warning("auth failed ip=%s user=%r", ip, username)
         return AuthResult("invalid")

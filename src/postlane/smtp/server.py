@@ -31,11 +31,15 @@ from postlane.smtp.proxy import MAX_PROXY_HEADER, parse_proxy_header
 from postlane.smtp.tls import TlsContextHolder
 from postlane.store.intake import NewMessage
 from postlane.store.schema import utc_now
-from postlane.tenants.directory import TenantDirectory
+from postlane.store.smtp_users import SmtpUser
+from postlane.tenants.directory import TenantDirectory, TenantSnapshot
 
 log = logging.getLogger("postlane.smtp")
 _NO_POSTMASTER: Final = p.Reply(
     550, "5.1.1", ("<postmaster> needs a domain here: this server keeps no mailboxes",)
+)
+_CREDENTIALS_REVOKED: Final = p.Reply(
+    421, "4.7.0", ("Credentials changed or revoked, log in again",)
 )
 
 
@@ -82,6 +86,8 @@ class SmtpSession(asyncio.Protocol):
         self._tls_early: bytearray | None = None
         self._in_transaction = False
         self._closing = False
+        # The tenant snapshot the authenticated user was last found valid in.
+        self._credentials_checked: TenantSnapshot | None = None
         self.session_id = new_queue_id()
         self.client_ip = "unknown"
         self.helo = ""
@@ -310,6 +316,7 @@ class SmtpSession(asyncio.Protocol):
         assert conn is not None
         if verdict == "ok" and user is not None:
             self.sender = self._sender_for(user.account_id, user)
+            self._credentials_checked = None  # the next MAIL compares with this user
             conn.auth_succeeded(user.username)
         elif verdict == "throttled":
             conn.auth_failed(p.Reply(421, "4.7.0", ("Too many failed authentications, try later",)))
@@ -344,9 +351,23 @@ class SmtpSession(asyncio.Protocol):
         sender = self.sender
         if sender is None:
             return None  # unauthenticated (non-submission listener): judged per recipient
-        if not self._directory.snapshot.accounts.get(
-            sender.account.id, sender.account
-        ).smtp_enabled:
+        snapshot = self._directory.snapshot
+        if sender.user is not None and snapshot is not self._credentials_checked:
+            # A session outlives AUTH for as long as the client sends NOOPs: a
+            # reset password or a disabled user must end it too, or resetting
+            # a leaked password would not cut off whoever holds it.
+            revoked = _credentials_revoked(snapshot, sender.user)
+            if revoked is not None:
+                log.warning(
+                    "session=%s client=%s user=%s refused: %s",
+                    self.session_id,
+                    self.client_ip,
+                    sender.user.username,
+                    revoked,
+                )
+                return _CREDENTIALS_REVOKED  # a 421: the engine closes the session
+            self._credentials_checked = snapshot  # snapshots never change once made
+        if not snapshot.accounts.get(sender.account.id, sender.account).smtp_enabled:
             return p.Reply(550, "5.7.1", ("Sending is disabled for this account",))
         problems = pipeline.envelope_sender_problems(sender, event.address)
         if problems and sender.account.unauthorised_sender_policy == "block":
@@ -553,6 +574,25 @@ def _tls_description(transport: asyncio.BaseTransport | None) -> str | None:
         return None
     cipher = ssl_object.cipher()
     return f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
+
+
+def _credentials_revoked(snapshot: TenantSnapshot, user: SmtpUser) -> str | None:
+    """Why a session's user may no longer send (None when it still may).
+
+    Compared with the user as it was at AUTH: a new password hash means a
+    reset, whoever holds the old password. Looked up by the user's own name
+    (always a key of the snapshot's logins), so an AUTH with an alias is
+    checked too; a different id under that name is a different user. The
+    account's own switch is checked by the caller, for every sender.
+    """
+    fresh = snapshot.users.get(user.username.lower())
+    if fresh is None or fresh.id != user.id or fresh.account_id != user.account_id:
+        return "user removed or renamed"
+    if not fresh.active:
+        return "user disabled"
+    if fresh.password_hash != user.password_hash:
+        return "password changed"
+    return None
 
 
 def _ascii(text: str) -> str:

@@ -59,3 +59,28 @@ def test_throttle_per_ip_and_per_username_in_window() -> None:
     assert not throttle.blocked("198.51.100.9", "app2")
     clock.now += 61
     assert not throttle.blocked("192.0.2.1", "app1")
+
+
+def test_verifications_under_way_count_against_the_limit() -> None:
+    """Failures are known only after Argon2: attempts still running must count too."""
+    clock = FakeClock()
+    throttle = FailureThrottle(3, 60, clock=clock)
+    throttle.record_failure("192.0.2.1", "app1")
+    assert throttle.reserve("192.0.2.1", "app1")
+    assert throttle.reserve("192.0.2.1", "app2")
+    assert not throttle.reserve("192.0.2.1", "app3")  # 1 failed + 2 running from the IP
+    # The user name too, from anywhere: 1 failed + 1 running, + 1 more is the limit.
+    assert throttle.reserve("198.51.100.9", "APP1")
+    assert not throttle.reserve("198.51.100.10", "app1")
+    throttle.release("198.51.100.9", "APP1")
+    assert throttle.in_progress("192.0.2.1") == 2
+    assert not throttle.blocked("192.0.2.1")  # a remembered credential is still fine
+    throttle.release("192.0.2.1", "app2")  # that one verified
+    throttle.record_failure("192.0.2.1", "app1", reserved=True)  # that one failed
+    assert throttle.in_progress("192.0.2.1") == 0
+    assert throttle.in_progress("192.0.2.1", "app1") == 0
+    assert throttle.reserve("192.0.2.1", "app4")  # 2 failed, none running
+    assert not throttle.reserve("192.0.2.1", "app5")
+    clock.now += 61
+    throttle.release("192.0.2.1", "app4")
+    assert throttle.reserve("192.0.2.1", "app1")  # the failures have aged out

@@ -10,6 +10,7 @@ cost, so those tests are the slow ones.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -289,3 +290,85 @@ def test_simultaneous_wrong_passwords_each_count(world: World, hashing: list[str
     assert [r.verdict for r in results] == ["invalid"] * 3
     assert len(hashing) == 1  # one Argon2 run for the three
     assert world.throttle.blocked(IP)  # yet each attempt counted (MAX_FAILURES is 3)
+
+
+# -- many attempts at once --------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Like ``hashing``, with each verification taking a while (as Argon2 does at full cost)."""
+    seen: list[str] = []
+    real = crypto.verify_password
+
+    def slow(password_hash: str, password: str) -> bool:
+        seen.append(password)
+        time.sleep(0.05)
+        return real(password_hash, password)
+
+    monkeypatch.setattr(crypto, "verify_password", slow)
+    return seen
+
+
+def _at_once(world: World, attempts: list[tuple[str, str, str]]) -> list[AuthResult]:
+    """verify() for each (ip, username, password), all started together."""
+
+    async def together() -> list[AuthResult]:
+        return await asyncio.gather(*(world.auth.verify(*attempt) for attempt in attempts))
+
+    return asyncio.run(together())
+
+
+def test_parallel_guesses_from_one_address_are_verified_at_most_the_limit(
+    world: World, slow_hashing: list[str]
+) -> None:
+    """400 connections guessing at once were all verified (64 MiB apiece): the limit
+    counted failures only, and a failure is known only once its verification ends."""
+    results = _at_once(world, [(IP, f"user{n}", f"guess {n}") for n in range(40)])
+    assert len(slow_hashing) == MAX_FAILURES
+    verdicts = [r.verdict for r in results]
+    assert verdicts.count("invalid") == MAX_FAILURES
+    assert verdicts.count("throttled") == 40 - MAX_FAILURES
+    assert world.throttle.in_progress(IP) == 0  # every reservation became a failure
+    assert world.auth.quick(IP, "Alice", PASSWORD) == AuthResult("throttled")
+
+
+def test_parallel_guesses_at_one_user_are_verified_at_most_the_limit(
+    world: World, slow_hashing: list[str]
+) -> None:
+    results = _at_once(world, [(f"198.51.100.{n}", "alice", f"guess {n}") for n in range(40)])
+    assert len(slow_hashing) == MAX_FAILURES
+    assert [r.verdict for r in results].count("invalid") == MAX_FAILURES
+    assert world.throttle.in_progress(IP, "alice") == 0
+
+
+def test_the_right_password_under_the_limit_works_while_guesses_run(
+    world: World, slow_hashing: list[str]
+) -> None:
+    guesses = [(IP, "Alice", f"guess {n}") for n in range(MAX_FAILURES - 1)]
+    *failed, ok = _at_once(world, [*guesses, (IP, "Alice", PASSWORD)])
+    assert [r.verdict for r in failed] == ["invalid"] * (MAX_FAILURES - 1)
+    assert ok.verdict == "ok"
+    assert world.throttle.in_progress(IP) == 0  # the success gave its reservation back
+    assert not world.throttle.blocked(IP)
+
+
+def test_remembered_credentials_are_not_held_up_by_guesses_under_way(
+    world: World, slow_hashing: list[str]
+) -> None:
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+
+    async def guessing_meanwhile() -> AuthResult | None:
+        guesses = [
+            asyncio.ensure_future(world.auth.verify(IP, "Alice", f"guess {n}"))
+            for n in range(MAX_FAILURES)
+        ]
+        await asyncio.sleep(0)
+        assert world.throttle.in_progress(IP) == MAX_FAILURES
+        remembered = world.auth.quick(IP, "Alice", PASSWORD)
+        await asyncio.gather(*guesses)
+        return remembered
+
+    assert asyncio.run(guessing_meanwhile()) == AuthResult("ok", world.alice)
+    assert slow_hashing[0] == PASSWORD  # and no verification of it since
+    assert sorted(slow_hashing[1:]) == [f"guess {n}" for n in range(MAX_FAILURES)]

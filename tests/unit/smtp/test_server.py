@@ -229,7 +229,7 @@ def test_a_refused_mail_from_starts_no_transaction() -> None:
         transport = FakeTransport()
         session.connection_made(transport)  # type: ignore[arg-type]
         account = SimpleNamespace(id=1, smtp_enabled=False)
-        session.sender = SimpleNamespace(account=account)  # type: ignore[assignment]
+        session.sender = SimpleNamespace(account=account, user=None)  # type: ignore[assignment]
         session.data_received(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\n")
         return session, transport
 
@@ -338,3 +338,108 @@ def test_rcpt_to_postmaster_without_a_domain_is_refused_saying_why(authenticated
     assert _replies(transport)[-1] == (
         b"550 5.1.1 <postmaster> needs a domain here: this server keeps no mailboxes"
     )
+
+
+# -- credentials revoked during a session ------------------------------------------------------
+
+
+def _tenants(**user_changes: Any) -> TenantSnapshot:
+    """Account 1 with SMTP user "app1" (id 7), as changed by ``user_changes``."""
+    account = SimpleNamespace(
+        id=1,
+        name="acme",
+        smtp_enabled=True,
+        unauthorised_sender_policy="alert",
+        track_opens=False,
+        track_clicks=False,
+        default_options={},
+    )
+    fields: dict[str, Any] = {
+        "id": 7,
+        "account_id": 1,
+        "username": "app1",
+        "password_hash": "hash-1",
+        "active": True,
+        "default_options": {},
+        "authorised_domains": (),
+        "authorised_senders": (),
+    }
+    user = SimpleNamespace(**(fields | user_changes))
+    return TenantSnapshot(
+        accounts={1: account},  # type: ignore[dict-item]
+        users={user.username.lower(): user},  # type: ignore[dict-item]
+    )
+
+
+class SwappableDirectory:
+    def __init__(self, snapshot: TenantSnapshot) -> None:
+        self.snapshot = snapshot
+
+
+class AcceptingAuthenticator:
+    """Says yes to app1, as the user is in the directory's snapshot at the time."""
+
+    def __init__(self, directory: SwappableDirectory) -> None:
+        self._directory = directory
+
+    def quick(self, ip: str, username: str, password: str) -> AuthResult | None:
+        return AuthResult("ok", self._directory.snapshot.users["app1"])
+
+
+def _mail_after_change(new: TenantSnapshot | None) -> tuple[list[bytes], bool]:
+    """AUTH, one MAIL, RSET; the tenants change to ``new``; NOOP and MAIL again."""
+    directory = SwappableDirectory(_tenants())
+
+    async def scenario() -> FakeTransport:
+        session = _session(
+            policy=replace(POLICY, allow_plaintext_auth=True),
+            directory=directory,
+            authenticator=AcceptingAuthenticator(directory),
+        )
+        transport = FakeTransport()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        token = base64.b64encode(b"\0app1\0secret")
+        session.data_received(
+            b"EHLO x\r\nAUTH PLAIN " + token + b"\r\nMAIL FROM:<a@acme.com>\r\nRSET\r\n"
+        )
+        assert _replies(transport)[-3:] == [
+            b"235 2.7.0 Authentication successful",
+            b"250 2.1.0 Ok",
+            b"250 2.0.0 Ok",
+        ]
+        if new is not None:
+            directory.snapshot = new
+        session.data_received(b"NOOP\r\nMAIL FROM:<a@acme.com>\r\n")
+        return transport
+
+    transport = asyncio.run(scenario())
+    return _replies(transport)[3:], transport.closed
+
+
+REVOKED = b"421 4.7.0 Credentials changed or revoked, log in again"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"password_hash": "hash-2"},  # smtp-user reset-password
+        {"active": False},  # smtp-user disable
+        {"username": "renamed"},  # gone under its name
+        {"id": 8},  # deleted, and somebody else now has the name
+        {"account_id": 2},  # moved to another account
+    ],
+)
+def test_a_session_ends_when_its_credentials_change(change: dict[str, Any]) -> None:
+    """An AUTHed session kept sending after its password was reset (with NOOPs, forever)."""
+    replies, closed = _mail_after_change(_tenants(**change))
+    assert replies[-1] == REVOKED
+    assert closed
+
+
+@pytest.mark.parametrize("new", [None, "same", "other"])
+def test_a_session_goes_on_while_its_credentials_stand(new: str | None) -> None:
+    """The same snapshot, an equal one rebuilt, or one where only unrelated things changed."""
+    snapshot = {None: None, "same": _tenants(), "other": _tenants(note="changed")}[new]
+    replies, closed = _mail_after_change(snapshot)
+    assert replies[-1] == b"250 2.1.0 Ok"
+    assert not closed
