@@ -140,6 +140,7 @@ class SmtpSettings(_Section):
     duplicate_window: float = Field(
         86400.0,
         ge=0,
+        le=366 * 86400,  # a year: far more (1e11 s) overflowed every duplicate check
         description="Seconds in which a resubmission (same Message-ID, sender, recipients) "
         "is accepted but not queued again",
     )

@@ -404,3 +404,11 @@ def test_config_show_masks_passwords_in_the_database_url_query(
     monkeypatch.setenv("POSTLANE_DATABASE_URL", "postgresql://u:s3cretpw@h/db?password=qsecret")
     shown = config.effective_settings(config.load_settings())["database_url"]
     assert shown == "postgresql://u:***@h/db?password=***"
+
+
+def test_a_duplicate_window_beyond_a_year_is_refused() -> None:
+    # 1e11 seconds was taken, and then every message with a Message-ID failed
+    # its commit (the window's start overflowed the calendar) with 451.
+    with pytest.raises(ConfigError, match=r"smtp\.duplicate_window"):
+        config.load_settings(smtp={"duplicate_window": 1e11})
+    assert config.load_settings(smtp={"duplicate_window": 366 * 86400}).smtp.duplicate_window

@@ -8,6 +8,7 @@ they run on (the queue will, for ``SKIP LOCKED``).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -229,7 +230,8 @@ def _parse(url: str) -> URL:
                 f"database URL {mask_url(url)} names no file: "
                 "Postlane needs sqlite:///path/to/file.db"
             )
-        return parsed.set(drivername="sqlite")
+        # "~" is the user's home for the file, as for the directory made for it.
+        return parsed.set(drivername="sqlite", database=str(Path(parsed.database).expanduser()))
     if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
         return parsed.set(drivername="postgresql+psycopg")
     raise StoreError(
@@ -244,7 +246,12 @@ def _reason(error: exc.DBAPIError) -> str:
 
 def _sqlite_engine(url: URL) -> Engine:
     assert url.database is not None
-    Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    path = Path(url.database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Created private: it holds password hashes and every message. SQLite gives
+    # its -wal and -shm files the database file's mode.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     engine = sa.create_engine(url)
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)

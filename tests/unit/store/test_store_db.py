@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,3 +260,32 @@ def test_mask_url_masks_secret_query_parameters() -> None:
     )
     kept = "postgresql://u@h/db?options=-csearch_path%3Dx"
     assert mask_url(kept) == kept
+
+
+def test_a_new_sqlite_database_is_private_and_so_are_its_wal_files(tmp_path: Path) -> None:
+    # Created with the process's umask (often 022): anyone on the host could
+    # read the password hashes and every message.
+    old = os.umask(0o022)
+    try:
+        db = Database.from_url(f"sqlite:///{tmp_path}/data/p.db")
+        with db.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "data").iterdir()}
+        db.dispose()
+    finally:
+        os.umask(old)
+    assert modes["p.db"] == 0o600
+    assert all(mode == 0o600 for mode in modes.values()), modes
+
+
+def test_a_sqlite_url_with_a_tilde_opens_the_file_in_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The directory was made under HOME, then the file was opened under "./~".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    db = Database.from_url("sqlite:///~/sub/p.db")
+    with db.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+    db.dispose()
+    assert (tmp_path / "sub" / "p.db").exists()
