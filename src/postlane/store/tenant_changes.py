@@ -17,6 +17,10 @@ from sqlalchemy.engine import Connection
 
 from postlane.store.schema import accounts, sending_domains, smtp_users, utc_now
 
+# A transaction-scoped advisory lock, released at commit or rollback; the key
+# is arbitrary but fixed ("tenants" in ASCII).
+_TAKE_TURNS = sa.text("SELECT pg_advisory_xact_lock(32762622053872755)")
+
 
 def tenants_fingerprint(conn: Connection) -> tuple[Any, ...]:
     """Counts and latest change times of accounts, SMTP users and sending domains."""
@@ -37,6 +41,13 @@ def change_stamp(conn: Connection, table: sa.Table) -> datetime:
     ``updated_at``; a writer whose clock is behind (another node, the CLI on
     another machine) would otherwise change a password unseen.
     """
+    if conn.dialect.name == "postgresql":
+        # Tenant changes take turns until they commit, so they commit in the
+        # order of their stamps. Otherwise a change stamped first but committed
+        # last (a user disabled while another was edited) would not move the
+        # latest ``updated_at`` a reader had already seen, and running servers
+        # would never reload it. SQLite's writers take turns already.
+        conn.execute(_TAKE_TURNS)
     latest = conn.execute(sa.select(sa.func.max(table.c.updated_at))).scalar()
     now = utc_now()
     if latest is not None and latest >= now:

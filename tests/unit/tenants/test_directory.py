@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -149,6 +151,46 @@ def test_fingerprint_changes_when_a_node_with_a_slower_clock_resets_a_password(
     with db.begin() as conn:
         set_password_hash(conn, user.id, HASH + "reset")
     assert fingerprint(db) != before
+
+
+def test_a_change_committed_after_a_later_one_still_changes_the_fingerprint(
+    db: Database, account: Account, database_url: str
+) -> None:
+    """A disable stamped first but committed last once went unseen by running servers.
+
+    The first writer stamps and holds its transaction; the second writer, on
+    another connection, stamps and commits meanwhile and a reader takes the
+    fingerprint. When the first commits, the fingerprint must change again.
+    """
+    first_user = new_user(db, account, "first")
+    second_user = new_user(db, account, "second")
+    other = Database.from_url(database_url)
+    stamped = threading.Event()
+    seen: list[tuple[tuple[Any, ...], bool]] = []
+
+    def second_writer() -> None:
+        stamped.wait(5)
+        with other.begin() as conn:
+            update_smtp_user(conn, second_user.id, note="edited")
+        # A server refreshes here: the fingerprint, and what it would load.
+        current = fingerprint(db)
+        loaded = snapshot(db).login("first")
+        seen.append((current, loaded is not None and loaded.active))
+
+    thread = threading.Thread(target=second_writer)
+    thread.start()
+    try:
+        with db.begin() as conn:
+            update_smtp_user(conn, first_user.id, active=False)
+            stamped.set()
+            time.sleep(0.3)  # the second writer commits now, or waits its turn
+        thread.join(10)
+    finally:
+        other.dispose()
+    ((seen_print, first_could_log_in),) = seen
+    # A server that loaded the first user active must see the fingerprint move
+    # when the disable commits; otherwise it keeps that user forever.
+    assert fingerprint(db) != seen_print or not first_could_log_in
 
 
 # -- TenantSnapshot: logins ----------------------------------------------------------------
