@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import ipaddress
 import logging
 import re
 import socket
@@ -399,6 +400,14 @@ class HttpsPolicyFetcher:
     context trusting their own CA and a ``port`` where their server listens.
     The blocking ``http.client`` exchange runs in a worker thread; at the
     ``timeout`` (for the whole fetch) its socket is shut down.
+
+    The host is named by whoever controls the recipient's domain, so any
+    sender could otherwise make Postlane open connections (a TLS hello with
+    a name of the sender's choosing) to loopback, private or link-local
+    addresses (a cloud's metadata service) inside the operator's network.
+    Only global addresses are tried, unless ``internal`` allows the rest
+    (tests, whose policy servers listen on loopback). Without a policy the
+    mail goes out as it would with none (RFC 8461 §3.3).
     """
 
     def __init__(
@@ -409,8 +418,10 @@ class HttpsPolicyFetcher:
         port: int = HTTPS_PORT,
         timeout: float = FETCH_TIMEOUT,
         max_size: int = MAX_POLICY_SIZE,
+        internal: bool = False,
     ) -> None:
         self._resolver = resolver
+        self._internal = internal
         self._context = context if context is not None else ssl.create_default_context()
         if self._context.verify_mode != ssl.CERT_REQUIRED or not self._context.check_hostname:
             raise ValueError("an MTA-STS context must verify certificates and host names")
@@ -423,6 +434,14 @@ class HttpsPolicyFetcher:
         addresses = await self._resolver.addresses(host)
         if isinstance(addresses, DnsFailure):
             raise PolicyFetchError(f"{host}: {addresses.reason}")
+        if not self._internal:
+            refused = [a for a in addresses if not ipaddress.ip_address(a).is_global]
+            addresses = [a for a in addresses if a not in refused]
+            if not addresses:
+                raise PolicyFetchError(
+                    f"{host} resolves only to addresses that are not public"
+                    f" ({', '.join(refused)}): not fetched"
+                )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         unreachable: list[str] = []
@@ -478,7 +497,8 @@ class MtaStsCache:
 
     ``fetch`` replaces the HTTPS fetch entirely (tests of the cache logic);
     otherwise an :class:`HttpsPolicyFetcher` is built from ``https_context``,
-    ``https_port`` and ``timeout``. ``clock`` is monotonic seconds.
+    ``https_port``, ``https_internal`` and ``timeout``. ``clock`` is
+    monotonic seconds.
     """
 
     def __init__(
@@ -488,6 +508,7 @@ class MtaStsCache:
         fetch: PolicyFetch | None = None,
         https_context: ssl.SSLContext | None = None,
         https_port: int = HTTPS_PORT,
+        https_internal: bool = False,
         timeout: float = FETCH_TIMEOUT,
         retry_after: float = FETCH_RETRY,
         clock: Callable[[], float] = time.monotonic,
@@ -496,7 +517,11 @@ class MtaStsCache:
             raise ValueError("give either fetch or https_context/https_port, not both")
         self._resolver = resolver
         self._fetch: PolicyFetch = fetch or HttpsPolicyFetcher(
-            resolver, context=https_context, port=https_port, timeout=timeout
+            resolver,
+            context=https_context,
+            port=https_port,
+            timeout=timeout,
+            internal=https_internal,
         )
         self._retry_after = retry_after
         self._clock = clock

@@ -444,7 +444,12 @@ def cache(
     resolver: Resolver, web: PolicyHost, client_context: ssl.SSLContext, clock: FakeClock
 ) -> MtaStsCache:
     return MtaStsCache(
-        resolver, https_context=client_context, https_port=web.port, timeout=2.0, clock=clock
+        resolver,
+        https_context=client_context,
+        https_port=web.port,
+        https_internal=True,  # the test's policy server listens on loopback
+        timeout=2.0,
+        clock=clock,
     )
 
 
@@ -556,7 +561,9 @@ def test_a_wrong_certificate_name_means_no_policy(
 def test_an_untrusted_ca_means_no_policy(
     resolver: Resolver, web: PolicyHost, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cache = MtaStsCache(resolver, https_port=web.port, timeout=2.0)  # the system's roots
+    cache = MtaStsCache(  # the system's roots
+        resolver, https_port=web.port, https_internal=True, timeout=2.0
+    )
     with caplog.at_level(logging.WARNING, "postlane.delivery.mta_sts"):
         assert run(cache.policy("example.test")) is None
     assert "certificate" in caplog.text
@@ -600,14 +607,38 @@ def test_the_next_address_is_tried_when_one_refuses(
     resolver: Resolver, dns: DnsServer, web: PolicyHost, client_context: ssl.SSLContext
 ) -> None:
     dns.set("mta-sts.example.test", "A", ["127.0.0.2", "127.0.0.1"])  # .2: nothing listens
-    fetch = HttpsPolicyFetcher(resolver, context=client_context, port=web.port, timeout=2.0)
+    fetch = HttpsPolicyFetcher(
+        resolver, context=client_context, port=web.port, timeout=2.0, internal=True
+    )
     assert parse_policy(run(fetch("example.test"))) == parse_policy(POLICY)
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [["127.0.0.1"], ["10.0.0.8", "169.254.169.254"], ["192.168.1.1", "127.0.0.1"], ["::1"]],
+)
+def test_a_policy_host_on_internal_addresses_is_not_fetched_by_default(
+    resolver: Resolver,
+    dns: DnsServer,
+    web: PolicyHost,
+    client_context: ssl.SSLContext,
+    addresses: list[str],
+) -> None:
+    # The recipient domain names the host: anyone sending there could make
+    # Postlane connect into the operator's network (the policy server of this
+    # test listens on 127.0.0.1 and answered before).
+    kind = "AAAA" if ":" in addresses[0] else "A"
+    dns.set("mta-sts.example.test", kind, addresses)
+    fetch = HttpsPolicyFetcher(resolver, context=client_context, port=web.port, timeout=2.0)
+    with pytest.raises(PolicyFetchError, match="resolves only to addresses that are not public"):
+        run(fetch("example.test"))
+    assert web.requests == []  # nothing was asked of it
 
 
 def test_a_policy_host_without_address_is_a_fetch_error(
     resolver: Resolver, client_context: ssl.SSLContext, web: PolicyHost
 ) -> None:
-    fetch = HttpsPolicyFetcher(resolver, context=client_context, port=web.port)
+    fetch = HttpsPolicyFetcher(resolver, context=client_context, port=web.port, internal=True)
     with pytest.raises(PolicyFetchError, match=r"mta-sts\.plain\.test"):
         run(fetch("plain.test"))
 
@@ -615,7 +646,11 @@ def test_a_policy_host_without_address_is_a_fetch_error(
 def test_a_silent_policy_host_times_out(resolver: Resolver, client_context: ssl.SSLContext) -> None:
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
         fetch = HttpsPolicyFetcher(
-            resolver, context=client_context, port=silent.getsockname()[1], timeout=0.3
+            resolver,
+            context=client_context,
+            port=silent.getsockname()[1],
+            timeout=0.3,
+            internal=True,
         )
         started = time.monotonic()
         with pytest.raises(PolicyFetchError, match="timed out"):
