@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -46,6 +47,11 @@ def run(
     monkeypatch.setenv("POSTLANE_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("POSTLANE_HOSTNAME", "mail.postlane.test")
     monkeypatch.setenv("COLUMNS", "200")
+    # `serve` points the root logger at the stderr of its run, which capsys
+    # closes afterwards: later tests' log lines then failed on a closed file.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
 
     def invoke(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["postlane", *args])
