@@ -20,7 +20,6 @@ from rich.text import Text
 
 from postlane import config, crypto
 from postlane.errors import InvalidInput, PostlaneError
-from postlane.options._values import MAX_JSON_DEPTH
 from postlane.store import Database, migrate
 from postlane.store.accounts import Account
 from postlane.store.smtp_users import SmtpUser
@@ -326,7 +325,6 @@ def account_update(
 
     Example: postlane account update acme --unauthorised-sender block --trusted-networks 10.1.0.0/16
     """
-    _check_json_depth("--default-options", default_options)
     changes = admin.AccountChanges(
         smtp_enabled=smtp,
         allow_email_login=email_login,
@@ -370,7 +368,6 @@ def user_create(
 
     Example: postlane smtp-user create --account acme --authorised-domains acme.com app1
     """
-    _check_json_depth("--default-options", default_options)
     creds = admin.create_smtp_user(
         _state.db,
         account,
@@ -451,7 +448,6 @@ def user_update(
 
     Example: postlane smtp-user update app1 --priority 1 --authorised-senders "info@acme.com"
     """
-    _check_json_depth("--default-options", default_options)
     changes = admin.SmtpUserChanges(
         priority=priority,
         note=note,
@@ -850,8 +846,6 @@ def _queue_action(
 
 
 def _number(what: str, text: str) -> int:
-    from postlane.errors import InvalidInput
-
     if not (text.isascii() and text.isdigit()) or int(text) > 2**63 - 1:
         raise InvalidInput(f"{what} {text!r} is not a number")
     return int(text)
@@ -983,8 +977,6 @@ def _account_id(conn: Connection, account: str) -> int:
 
 def _read_source(option: str, path: str) -> str:
     """A template source from a file or stdin ('-'), which must be UTF-8 text."""
-    from postlane.errors import InvalidInput
-
     where = "standard input" if path == "-" else path
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
@@ -1111,7 +1103,6 @@ def suppression_import(
 
     Example: postlane suppression import acme unsubscribed.csv --reason unsubscribe
     """
-    from postlane.errors import InvalidInput
     from postlane.tenants import suppression_lists
 
     if file == "-":
@@ -1159,37 +1150,6 @@ def _json(value: object) -> str:
     import json
 
     return json.dumps(value, sort_keys=True) if value else "none"
-
-
-def _check_json_depth(option: str, text: str | None) -> None:
-    """Refuse JSON nested deeper than :data:`MAX_JSON_DEPTH`, before it is parsed.
-
-    Why: the JSON parser and the option checks recurse, so ``[[[[...`` a
-    hundred thousand deep would end in a RecursionError traceback instead of
-    an answer. Counted without parsing, so the check cannot recurse itself.
-    """
-    if text is None:
-        return
-    depth = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise InvalidInput(
-                    f"{option}: JSON nested too deep (more than {MAX_JSON_DEPTH} levels)"
-                )
-        elif char in "]}":
-            depth -= 1
 
 
 def _os_reason(exc: OSError) -> str:

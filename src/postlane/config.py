@@ -563,6 +563,7 @@ def _masked(value: Any, key: str) -> Any:
     if isinstance(value, list):
         return [_masked(v, key) for v in value]
     if isinstance(value, str) and key == "database_url":
+        # Imported here: the store loads SQLAlchemy, which reading settings does not need.
         from postlane.store.db import mask_url
 
         return mask_url(value)

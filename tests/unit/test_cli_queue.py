@@ -4,52 +4,14 @@ from __future__ import annotations
 
 import re
 import sys
-from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
 from postlane import cli
 from postlane.store import Database
-from postlane.store import accounts as account_store
-from postlane.store.intake import NewMessage, NewRecipient, insert_messages
 from postlane.store.schema import events, recipients
-from unit.cli_runner import Run, fails, ok
-
-
-def enqueue(database_url: str, account: str, queue_id: str, *addresses: str) -> list[int]:
-    """Store one message from ``account`` for ``addresses``; the recipient ids."""
-    now = datetime.now(UTC)
-    db = Database.from_url(database_url)
-    try:
-        with db.begin() as conn:
-            account_id = account_store.get_account(conn, account).id
-            message = NewMessage(
-                id=queue_id,
-                account_id=account_id,
-                smtp_user_id=None,
-                mail_from="info@acme.com",
-                header_from="info@acme.com",
-                message_id_header=None,
-                subject=f"Subject of {queue_id}",
-                raw=b"From: info@acme.com\r\n\r\nhi\r\n",
-                options={},
-                client_ip=None,
-                tls=None,
-                received_at=now,
-                dedupe_key=None,
-                recipients=tuple(
-                    NewRecipient(
-                        a, a.rpartition("@")[2], 3, now + timedelta(hours=1), now + timedelta(1)
-                    )
-                    for a in addresses
-                ),
-            )
-            insert_messages(conn, [message])
-            query = sa.select(recipients.c.id).where(recipients.c.message_id == queue_id)
-            return sorted(conn.execute(query).scalars())
-    finally:
-        db.dispose()
+from unit.cli_runner import Run, enqueue, fails, ok
 
 
 def statuses(database_url: str) -> dict[int, str]:

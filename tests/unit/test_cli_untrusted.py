@@ -3,74 +3,54 @@
 from __future__ import annotations
 
 import socket
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from postlane.store import Database
-from postlane.store import accounts as account_store
-from postlane.store.intake import NewMessage, NewRecipient, insert_messages
 from postlane.store.schema import events, recipients
-from unit.cli_runner import Run, fails, ok
+from unit.cli_runner import Run, enqueue, fails, ok
 
 HOSTILE = "[/hide] [bold red]x [link=https://evil.example]Invoice[/link] :warning:"
 
 
 def store_hostile_message(database_url: str, queue_id: str) -> int:
     """A message whose subject, last reply and event data are markup; its recipient id."""
-    now = datetime.now(UTC)
+    (rid,) = enqueue(
+        database_url,
+        "acme",
+        queue_id,
+        "bob@example.org",
+        header_from="[bold]boss[/bold] <info@acme.com>",
+        message_id_header="<[/hide]@acme.com>",
+        subject=HOSTILE,
+    )
     db = Database.from_url(database_url)
     try:
         with db.begin() as conn:
-            account_id = account_store.get_account(conn, "acme").id
-            message = NewMessage(
-                id=queue_id,
-                account_id=account_id,
-                smtp_user_id=None,
-                mail_from="info@acme.com",
-                header_from="[bold]boss[/bold] <info@acme.com>",
-                message_id_header="<[/hide]@acme.com>",
-                subject=HOSTILE,
-                raw=b"From: info@acme.com\r\n\r\nhi\r\n",
-                options={},
-                client_ip=None,
-                tls=None,
-                received_at=now,
-                dedupe_key=None,
-                recipients=(
-                    NewRecipient(
-                        "bob@example.org",
-                        "example.org",
-                        3,
-                        now + timedelta(hours=1),
-                        now + timedelta(1),
-                    ),
-                ),
-            )
-            insert_messages(conn, [message])
-            rid = conn.execute(
-                sa.select(recipients.c.id).where(recipients.c.message_id == queue_id)
-            ).scalar_one()
             conn.execute(
                 recipients.update()
                 .where(recipients.c.id == rid)
                 .values(last_reply="451 [/hide] try [bold red]later")
             )
+            account_id = conn.execute(
+                sa.select(recipients.c.account_id).where(recipients.c.id == rid)
+            ).scalar_one()
             conn.execute(
                 events.insert().values(
                     account_id=account_id,
                     message_id=queue_id,
                     recipient_id=rid,
                     type="deferred",
-                    created_at=now,
+                    created_at=datetime.now(UTC),
                     data={"reply": "[/hide][bold red]x"},
                 )
             )
-            return int(rid)
     finally:
         db.dispose()
+    return rid
 
 
 def test_stored_markup_is_printed_literally(run: Run, database_url: str) -> None:

@@ -435,13 +435,13 @@ class HttpsPolicyFetcher:
         if isinstance(addresses, DnsFailure):
             raise PolicyFetchError(f"{host}: {addresses.reason}")
         if not self._internal:
-            refused = [a for a in addresses if not ipaddress.ip_address(a).is_global]
-            addresses = [a for a in addresses if a not in refused]
-            if not addresses:
+            public = [a for a in addresses if ipaddress.ip_address(a).is_global]
+            if not public:
                 raise PolicyFetchError(
                     f"{host} resolves only to addresses that are not public"
-                    f" ({', '.join(refused)}): not fetched"
+                    f" ({', '.join(addresses)}): not fetched"
                 )
+            addresses = public
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         unreachable: list[str] = []

@@ -479,8 +479,8 @@ class Connection:
 
         A refusal here is the driver's policy, not a protocol error, so it
         mostly does not count towards ``max_errors``. A permanently refused
-        recipient does, as in Postfix: otherwise one connection could probe
-        for relaying, or for addresses, without end.
+        recipient does: otherwise one connection could probe for relaying,
+        or for addresses, without end.
         """
         if self._closed:
             return

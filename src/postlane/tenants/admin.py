@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from postlane import crypto
 from postlane.errors import InvalidInput
 from postlane.options import SendOptions
+from postlane.options._values import MAX_JSON_DEPTH
 from postlane.options.model import validate_partial
 from postlane.store import Database
 from postlane.store import accounts as account_store
@@ -40,6 +41,12 @@ def parse_default_options(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         msg = f"invalid default options: not JSON ({exc.msg} at column {exc.colno})"
         raise InvalidInput(msg) from None
+    except RecursionError:
+        # The parser recurses per level: "[[[[..." deep enough ends here. Less
+        # deep, it parses and validate_partial refuses it by MAX_JSON_DEPTH.
+        raise InvalidInput(
+            f"invalid default options: JSON nested too deep (more than {MAX_JSON_DEPTH} levels)"
+        ) from None
     if not isinstance(data, dict):
         raise InvalidInput("invalid default options: must be a JSON object")
     partial = validate_partial(data)

@@ -1052,6 +1052,15 @@ def test_rate_limit_sends_the_burst_and_defers_the_rest_locally(env: Env) -> Non
         assert "kind" not in event.data  # not a remote failure
 
 
+async def deliver_shaped(env: Env, receiver: Receiver, shaper: Shaper) -> None:
+    port = await receiver.start()
+    try:
+        worker = DeliveryWorker(env.settings(port), env.db, MASTER, shaper=shaper)
+        await worker.run_once()
+    finally:
+        await receiver.stop()
+
+
 def test_throttled_reply_slows_down_and_defers_the_rest_of_the_group(env: Env) -> None:
     addresses = [f"t{n}@example.test" for n in range(3)]
     message_id = env.message(*addresses)
@@ -1060,16 +1069,7 @@ def test_throttled_reply_slows_down_and_defers_the_rest_of_the_group(env: Env) -
     rules = shaping_rules(env, per_minute=600)
     shaper = Shaper(load_rules(rules))
     before = datetime.now(UTC)
-
-    async def scenario() -> None:
-        port = await receiver.start()
-        try:
-            worker = DeliveryWorker(env.settings(port), env.db, MASTER, shaper=shaper)
-            await worker.run_once()
-        finally:
-            await receiver.stop()
-
-    run(scenario())
+    run(deliver_shaped(env, receiver, shaper))
     assert receiver.sessions == 1  # one connection was refused; the others were not opened
     assert receiver.messages == []
     assert shaper.current_rate("testmx") == 300.0  # halved
@@ -1087,15 +1087,6 @@ def test_throttled_reply_slows_down_and_defers_the_rest_of_the_group(env: Env) -
     by_row = {event.recipient_id: event.data for event in env.events(message_id, "deferred")}
     assert by_row[remote[0].id]["kind"] == "throttled"
     assert all(by_row[row.id]["local"] is True for row in local)
-
-
-async def deliver_shaped(env: Env, receiver: Receiver, shaper: Shaper) -> None:
-    port = await receiver.start()
-    try:
-        worker = DeliveryWorker(env.settings(port), env.db, MASTER, shaper=shaper)
-        await worker.run_once()
-    finally:
-        await receiver.stop()
 
 
 def test_a_421_greeting_slows_down_as_a_421_in_a_transaction_does(env: Env) -> None:

@@ -80,18 +80,30 @@ def world(db: Database, hashes: dict[str, str]) -> World:
     return World(db, account, alice, directory, cache, throttle, auth)
 
 
-@pytest.fixture
-def hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every password hash verified from now on (the hashes, in order)."""
+def watch_verifications(
+    monkeypatch: pytest.MonkeyPatch, *, record: str, seconds: float = 0.0
+) -> list[str]:
+    """Each verification from now on, as its ``record`` ("password_hash" or "password").
+
+    ``seconds`` makes each take a while, as Argon2 does at full cost.
+    """
     seen: list[str] = []
     real = crypto.verify_password
 
-    def counting(password_hash: str, password: str) -> bool:
-        seen.append(password_hash)
+    def watched(password_hash: str, password: str) -> bool:
+        seen.append(password_hash if record == "password_hash" else password)
+        if seconds:
+            time.sleep(seconds)
         return real(password_hash, password)
 
-    monkeypatch.setattr(crypto, "verify_password", counting)
+    monkeypatch.setattr(crypto, "verify_password", watched)
     return seen
+
+
+@pytest.fixture
+def hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every password hash verified from now on (the hashes, in order)."""
+    return watch_verifications(monkeypatch, record="password_hash")
 
 
 # -- the right password --------------------------------------------------------------------
@@ -297,17 +309,8 @@ def test_simultaneous_wrong_passwords_each_count(world: World, hashing: list[str
 
 @pytest.fixture
 def slow_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Like ``hashing``, with each verification taking a while (as Argon2 does at full cost)."""
-    seen: list[str] = []
-    real = crypto.verify_password
-
-    def slow(password_hash: str, password: str) -> bool:
-        seen.append(password)
-        time.sleep(0.05)
-        return real(password_hash, password)
-
-    monkeypatch.setattr(crypto, "verify_password", slow)
-    return seen
+    """The passwords verified from now on, each verification taking 0.05 s."""
+    return watch_verifications(monkeypatch, record="password", seconds=0.05)
 
 
 def _at_once(world: World, attempts: list[tuple[str, str, str]]) -> list[AuthResult]:
