@@ -85,11 +85,27 @@ class ListenerSettings(_Section):
     proxy_protocol: bool = Field(
         False, description="Expect a PROXY protocol v1/v2 header from a load balancer"
     )
+    proxy_trusted_networks: list[str] = Field(
+        default_factory=list,
+        description="Addresses (IP or CIDR) of the load balancers allowed to send the "
+        "PROXY header; required with proxy_protocol. Connections from anywhere else "
+        "are closed before the greeting",
+    )
 
     @field_validator("address")
     @classmethod
     def _valid_address(cls, value: str) -> str:
         return _check_address(value)
+
+    @field_validator("proxy_trusted_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from None
+        return [str(ipaddress.ip_network(entry.strip(), strict=False)) for entry in value]
 
     @model_validator(mode="after")
     def _proxy_with_tls(self) -> ListenerSettings:
@@ -98,7 +114,30 @@ class ListenerSettings(_Section):
                 "proxy_protocol cannot be combined with tls = 'implicit': terminate TLS "
                 "at the load balancer, or use tls = 'starttls'"
             )
+        # Whoever sends the header chooses the client address that trusted
+        # networks, throttles and logs then believe: a client reaching the port
+        # directly could claim an account's trusted network and send as it
+        # without AUTH. So the balancers are named, as Dovecot's
+        # haproxy_trusted_networks does.
+        if self.proxy_protocol and not self.proxy_trusted_networks:
+            raise ValueError(
+                "proxy_protocol needs proxy_trusted_networks: the addresses of the load "
+                "balancers that send the PROXY header (anyone else could claim any "
+                "client address, a trusted network's included)"
+            )
+        if self.proxy_trusted_networks and not self.proxy_protocol:
+            raise ValueError("proxy_trusted_networks is only used with proxy_protocol = true")
         return self
+
+    def proxy_peer_trusted(self, address: str) -> bool:
+        """Whether a connection from ``address`` may send this listener a PROXY header."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in ipaddress.ip_network(net) for net in self.proxy_trusted_networks)
 
 
 def _default_listeners() -> list[ListenerSettings]:

@@ -144,6 +144,7 @@ tls = "none"
 allow_plaintext_auth = true
 require_tls_for_auth = false
 proxy_protocol = true
+proxy_trusted_networks = ["127.0.0.1"]
 {config.extra_toml}"""
 
 

@@ -79,6 +79,19 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ),
         ('[delivery]\nown_process = "sometimes"\n', "'delivery.own_process' = 'sometimes'"),
         ('[smtp]\ncommit_process = "maybe"\n', "'smtp.commit_process' = 'maybe'"),
+        (
+            "[[smtp.listeners]]\nport = 25\nproxy_protocol = true\n",
+            "proxy_protocol needs proxy_trusted_networks",
+        ),
+        (
+            "[[smtp.listeners]]\nport = 25\nproxy_trusted_networks = ['10.0.0.1']\n",
+            "proxy_trusted_networks is only used with proxy_protocol = true",
+        ),
+        (
+            "[[smtp.listeners]]\nport = 25\nproxy_protocol = true\n"
+            "proxy_trusted_networks = ['lb.example']\n",
+            "'lb.example' is not an IP address or CIDR network",
+        ),
     ],
 )
 def test_bad_values_name_key_and_value(tmp_path: Path, toml: str, expected: str) -> None:

@@ -110,7 +110,12 @@ class SmtpSession(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._last_input = self._loop.time()
         self._arm_timer()
-        if self._listener.settings.proxy_protocol:
+        settings = self._listener.settings
+        if settings.proxy_protocol:
+            if not settings.proxy_peer_trusted(self.client_ip):
+                self.close_reason = "PROXY listener: peer not in proxy_trusted_networks"
+                self._abort()
+                return
             self._proxy_buffer = bytearray()
             return
         self._begin()

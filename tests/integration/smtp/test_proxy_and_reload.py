@@ -74,6 +74,28 @@ def test_malformed_proxy_header_closes_without_a_greeting(server: PostlaneServer
         assert sock.recv(4096) == b""
 
 
+def test_a_proxy_header_from_a_peer_that_is_not_a_balancer_is_never_read(
+    server: PostlaneServer,
+) -> None:
+    """Anyone reaching the port could claim a trusted network's address and send without AUTH."""
+    header = b"PROXY TCP4 127.0.0.1 192.0.2.1 51234 25\r\n"
+    with socket.create_connection(
+        (LOOPBACK, server.ports.proxied), timeout=10, source_address=("127.0.0.2", 0)
+    ) as sock:
+        sock.sendall(header + b"EHLO sneaky.example\r\n")
+        try:
+            said = sock.recv(4096)
+        except ConnectionResetError:  # aborted with our bytes unread
+            said = b""
+        assert said == b""  # closed, nothing said
+
+    def refusal_logged() -> bool | None:
+        log = server.log_path.read_text()
+        return ("client=127.0.0.2" in log and "peer not in proxy_trusted_networks" in log) or None
+
+    wait_for(refusal_logged)
+
+
 def _peer_certificate(port: int) -> x509.Certificate:
     context = ssl.create_default_context()
     context.check_hostname = False

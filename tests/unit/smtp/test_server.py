@@ -302,7 +302,11 @@ def test_a_long_proxy_v2_header_is_read_however_tcp_splits_it() -> None:
     async def scenario() -> list[tuple[int, str, bool, list[bytes]]]:
         results = []
         for cut in range(1, len(stream)):
-            session = _session(settings=ListenerSettings(port=2525, proxy_protocol=True))
+            session = _session(
+                settings=ListenerSettings(
+                    port=2525, proxy_protocol=True, proxy_trusted_networks=["192.0.2.0/28"]
+                )
+            )
             transport = FakeTransport()
             session.connection_made(transport)  # type: ignore[arg-type]
             session.data_received(stream[:cut])
@@ -314,6 +318,32 @@ def test_a_long_proxy_v2_header_is_read_however_tcp_splits_it() -> None:
     for cut, client_ip, closed, replies in asyncio.run(scenario()):
         assert (client_ip, closed) == ("203.0.113.7", False), cut
         assert replies == [b"220 mail.postlane.test ESMTP Postlane", b"250-mail.postlane.test"]
+
+
+@pytest.mark.parametrize(
+    ("networks", "read"),
+    [(["192.0.2.10"], True), (["192.0.2.11"], False), (["198.51.100.0/24"], False)],
+)
+def test_only_the_named_balancers_may_send_a_proxy_header(networks: list[str], read: bool) -> None:
+    """A client reaching the port directly named any address, a trusted network's too."""
+    settings = ListenerSettings(port=2525, proxy_protocol=True, proxy_trusted_networks=networks)
+
+    async def scenario() -> tuple[SmtpSession, FakeTransport]:
+        session = _session(settings=settings)
+        transport = FakeTransport()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(_v2_header(0) + b"EHLO x\r\n")
+        return session, transport
+
+    session, transport = asyncio.run(scenario())
+    if read:
+        assert session.client_ip == "203.0.113.7"
+        assert not transport.closed
+    else:
+        assert session.client_ip == "192.0.2.10"
+        assert transport.closed
+        assert _replies(transport) == []
+        assert session.close_reason == "PROXY listener: peer not in proxy_trusted_networks"
 
 
 @pytest.mark.parametrize("authenticated", [False, True])
