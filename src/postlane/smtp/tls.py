@@ -10,11 +10,13 @@ context they were established with.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import logging
 import os
 import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,16 +81,34 @@ def write_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key_bytes)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Each file is written whole under a fresh name and renamed into place:
+    # opening the final path would follow a symbolic link planted there (and
+    # write the private key wherever it points), and a crash mid-write would
+    # leave a truncated key that the next start took as made.
+    _write_new(key_path, key_bytes)
+    _write_new(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Replace ``path`` by a new 0600 file holding ``data``, flushed to disk."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def server_context(paths: CertificatePaths) -> ssl.SSLContext:

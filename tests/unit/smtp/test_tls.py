@@ -25,6 +25,22 @@ def test_self_signed_made_once_for_hostname(tmp_path: Path) -> None:
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
+def test_a_link_planted_where_the_key_goes_is_replaced_not_followed(tmp_path: Path) -> None:
+    """The key was written through a symbolic link at its path, wherever it pointed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("someone else's file\n")
+    (tmp_path / "tls").mkdir()
+    (tmp_path / tls.SELF_SIGNED_KEY).symlink_to(elsewhere)
+    paths = tls.certificate_paths("mail.example.test", tmp_path, None, None)
+    assert elsewhere.read_text() == "someone else's file\n"
+    assert not paths.key.is_symlink()
+    assert paths.key.stat().st_mode & 0o077 == 0
+    assert b"PRIVATE KEY" in paths.key.read_bytes()
+    left = sorted(p.name for p in paths.key.parent.iterdir())
+    assert left == ["selfsigned.crt", "selfsigned.key"]  # no temporary files
+    tls.server_context(paths)  # the pair matches
+
+
 def test_configured_paths_must_exist_and_pair(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be set together"):
         tls.certificate_paths("h.example", tmp_path, tmp_path / "c.pem", None)
