@@ -12,9 +12,28 @@ answers each waiting session. The writer is the commit process
 With many, the batch grows by itself while the previous commit is flushing,
 and ``max_delay`` lets a busy writer collect a few more before it starts.
 
-If a grouped transaction fails, its messages are retried one by one so that a
-single bad message cannot fail its neighbours; each failure reaches only its
-own session, as ``CommitFailed``, and nothing of it stays in the database.
+If a grouped transaction fails because of a message (the database refused
+its data: an integrity or data error, or a value Postlane cannot store), its
+messages are retried one by one so that a single bad message cannot fail its
+neighbours; each failure reaches only its own session, as ``CommitFailed``,
+and nothing of it stays in the database.
+
+If it fails because of the database (unreachable or black-holed, the
+connection lost, a disk I/O error or a full disk, no connection free in the
+pool), a retry would fail too, each after its own connect or lock timeout: a
+group of 200 would wait 200 timeouts for its ``451`` while nothing else
+commits. So every message of the group fails at once, and if the database
+fails during the one-by-one retries, the messages not yet tried fail without
+being tried. Clients retry a ``451 4.3.0`` later, when the database may be back.
+
+SQLite's "database is locked" (and :class:`~postlane.store._writer_lock.WriterLock`
+finding no write turn) counts as the database's failure. Every write waits for
+the writer turn and then starts with ``BEGIN IMMEDIATE``, so the wait happens
+before any row of any message is written: no message can cause it, and each
+one-by-one retry would wait the same ten seconds again. A transaction conflict
+on PostgreSQL (SQLSTATE class 40: deadlock, serialization failure) is neither
+a bad message nor a failed database but a race that a retry may win, so the
+one-by-one retries go ahead.
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -30,8 +50,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
+from sqlalchemy import exc as sa_exc
+
 from postlane import metrics
-from postlane.errors import CommitFailed, PostlaneError
+from postlane.errors import CommitFailed, PostlaneError, StoreError
 from postlane.store import Database
 from postlane.store.intake import NewMessage, find_duplicates, insert_messages, record_duplicates
 
@@ -186,30 +208,104 @@ class BatchOutcome:
 def write_batch(db: Database, batch: Sequence[NewMessage], window: timedelta) -> BatchOutcome:
     """Commit messages in one transaction; each gets its result or its own failure.
 
-    If the grouped transaction fails, the messages are written one by one so
-    that one bad message cannot fail its neighbours.
+    The one place that decides how a failed group is retried, for the writer
+    thread and the commit process alike (see the module docstring).
     """
     started = time.perf_counter()
     try:
         results: list[CommitResult | CommitFailed] = list(_transaction(db, batch, window))
     except Exception as exc:  # any failure must reach the sessions, never kill the writer
-        if not isinstance(exc, PostlaneError):
-            log.exception("unexpected error in an intake commit")
+        _log_failure(exc)
         if len(batch) == 1:
             log.error("intake commit failed for %s: %s", batch[0].id, exc)
-            return BatchOutcome([CommitFailed(str(exc))], time.perf_counter() - started, 1)
-        log.warning("grouped commit of %d failed (%s); retrying one by one", len(batch), exc)
-        singles = [write_batch(db, [message], window) for message in batch]
-        return BatchOutcome(
-            [one.results[0] for one in singles],
-            time.perf_counter() - started,
-            1 + sum(one.failed_transactions for one in singles),
-        )
+        elif _database_failed(exc):
+            log.error("grouped commit of %d failed, the database with it: %s", len(batch), exc)
+        else:
+            log.warning("grouped commit of %d failed (%s); retrying one by one", len(batch), exc)
+            return _one_by_one(db, batch, window, started)
+        return BatchOutcome(_failed_at_once(len(batch), exc), time.perf_counter() - started, 1)
     return BatchOutcome(results, time.perf_counter() - started, 0)
 
 
+def _one_by_one(
+    db: Database, batch: Sequence[NewMessage], window: timedelta, started: float
+) -> BatchOutcome:
+    results: list[CommitResult | CommitFailed] = []
+    failed = 1  # the grouped transaction
+    for message in batch:
+        try:
+            results.extend(_transaction(db, [message], window))
+        except Exception as exc:  # as in write_batch: answer the session, keep the writer
+            _log_failure(exc)
+            failed += 1
+            log.error("intake commit failed for %s: %s", message.id, exc)
+            results.append(CommitFailed(str(exc)))
+            if _database_failed(exc):
+                untried = len(batch) - len(results)
+                if untried:
+                    log.error("%d message(s) of the group fail untried", untried)
+                    results.extend(_failed_at_once(untried, exc, tried=False))
+                break
+    return BatchOutcome(results, time.perf_counter() - started, failed)
+
+
+def _failed_at_once(
+    count: int, exc: Exception, *, tried: bool = True
+) -> list[CommitResult | CommitFailed]:
+    # one exception per session: a shared instance would gather every raiser's traceback
+    reason = str(exc) if tried else f"not tried after a database failure: {exc}"
+    return [CommitFailed(reason) for _ in range(count)]
+
+
+def _log_failure(exc: Exception) -> None:
+    if not isinstance(exc, PostlaneError):
+        log.error("unexpected error in an intake commit", exc_info=exc)
+
+
+def _database_failed(exc: Exception) -> bool:
+    """Whether the database failed (a retry would too), rather than a message's data.
+
+    The first driver error in the chain of causes decides: operational and
+    interface errors and invalidated connections are the database's, a
+    transaction conflict (SQLSTATE class 40) and every other driver error
+    (integrity, data, programming) are the transaction's. Without a driver
+    error, a :class:`StoreError` or ``OSError`` is the store failing before
+    any statement (no write turn, the lock file, the connection settings),
+    and anything else (``InvalidInput``, a value that cannot be encoded) is
+    the message's.
+    """
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        verdict = _driver_verdict(error)
+        if verdict is not None:
+            return verdict
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return isinstance(exc, StoreError | OSError)
+
+
+def _driver_verdict(error: BaseException) -> bool | None:
+    """True: the database failed; False: the transaction did; None: not a driver error."""
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        if str(getattr(error.orig, "sqlstate", None) or "").startswith("40"):
+            return False
+        return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
+    if isinstance(error, sqlite3.Error):  # intake's SQLite inserts run on the raw cursor
+        return isinstance(error, sqlite3.OperationalError | sqlite3.InterfaceError)
+    if isinstance(error, sa_exc.TimeoutError | sa_exc.DisconnectionError):
+        return True  # no connection free in the pool, or a disconnect seen by the pool
+    return None
+
+
 def record_metrics(size: int, seconds: float, failed_transactions: int) -> None:
-    """Count a grouped commit (its size and time only when it committed as a group)."""
+    """Count a grouped commit (its size and time only when it committed as a group).
+
+    Failures count transactions that were attempted and failed: a message
+    failed untried after a database failure cost no transaction.
+    """
     if failed_transactions:
         metrics.COMMIT_FAILURES.inc(failed_transactions)
     else:

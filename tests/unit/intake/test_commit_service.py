@@ -17,13 +17,23 @@ from typing import Any, TypeVar
 import pytest
 
 from postlane.errors import CommitFailed, ConfigError
+from postlane.intake import commit_service
 from postlane.intake.commit_service import CommitService, _peer_uid, socket_path
-from postlane.intake.committer import CommitResult
+from postlane.intake.committer import BatchOutcome, CommitResult, write_batch
 from postlane.intake.remote_committer import RemoteCommitter
 from postlane.store import Account, Database
 from postlane.store.schema import recipients
 
-from .test_committer import batch_stats, count, event_rows, failures, message_ids, new_message
+from .test_committer import (
+    Faults,
+    batch_stats,
+    count,
+    disk_io_error,
+    event_rows,
+    failures,
+    message_ids,
+    new_message,
+)
 
 T = TypeVar("T")
 WAIT = 10.0
@@ -37,6 +47,11 @@ def sock() -> Iterator[Path]:
         yield Path(directory) / "commit.sock"
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch) -> Faults:
+    return Faults(monkeypatch)
 
 
 def run(scenario: Callable[[], Awaitable[T]]) -> T:
@@ -150,6 +165,60 @@ def test_a_bad_message_fails_alone_and_its_neighbours_commit(
     assert results[2] == CommitResult(good2.id)
     assert failures() - failed_before == 2  # the group, then the bad message alone
     assert sorted(message_ids(db)) == sorted([good1.id, good2.id])
+
+
+def test_a_database_failure_fails_every_message_of_a_batch_after_one_transaction(
+    db: Database, account: Account, sock: Path, faults: Faults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = [new_message(account.id) for _ in range(20)]
+    faults.always(disk_io_error)
+    groups: list[int] = []
+
+    def counted(*args: Any) -> BatchOutcome:
+        groups.append(len(args[1]))
+        return write_batch(*args)
+
+    monkeypatch.setattr(commit_service, "write_batch", counted)
+    failed_before = failures()
+
+    async def scenario() -> list[Any]:
+        async with serving(db, sock), client(sock) as committer:
+            commits = (committer.commit(m) for m in batch)
+            return list(await asyncio.gather(*commits, return_exceptions=True))
+
+    results = run(scenario)
+    assert all(isinstance(r, CommitFailed) for r in results)
+    assert sum(groups) == 20
+    assert len(faults.batches) == len(groups)  # one transaction per group, not one per message
+    assert failures() - failed_before == len(groups)
+    assert count(db, recipients) == 0
+
+
+def test_a_database_failure_in_the_one_by_one_retries_fails_the_rest_untried(
+    db: Database, account: Account, sock: Path, faults: Faults
+) -> None:
+    good1, good2, good3 = (new_message(account.id) for _ in range(3))
+    bad = new_message(account.id + 1000)  # no such account: the foreign key refuses it
+    faults.rule = lambda ids: disk_io_error() if ids == [good2.id] else None
+    failed_before = failures()
+
+    async def scenario() -> list[Any]:
+        async with serving(db, sock), client(sock) as committer:
+            commits = (committer.commit(m) for m in (good1, bad, good2, good3))
+            return list(await asyncio.gather(*commits, return_exceptions=True))
+
+    results = run(scenario)
+    assert faults.batches == [
+        [good1.id, bad.id, good2.id, good3.id],
+        [good1.id],
+        [bad.id],
+        [good2.id],
+    ]
+    assert results[0] == CommitResult(good1.id)
+    assert all(isinstance(r, CommitFailed) for r in results[1:])
+    assert "not tried" in str(results[3])
+    assert failures() - failed_before == 3  # the group, bad, good2
+    assert message_ids(db) == [good1.id]
 
 
 # -- connections -------------------------------------------------------------------------------

@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import sqlite3
 import threading
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
+import psycopg.errors
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from postlane import metrics
-from postlane.errors import CommitFailed
-from postlane.intake.committer import CommitResult, GroupCommitter
+from postlane.errors import CommitFailed, StoreError
+from postlane.intake import committer as committer_module
+from postlane.intake.committer import CommitResult, GroupCommitter, write_batch
 from postlane.store import Account, Database
 from postlane.store.intake import NewMessage, NewRecipient
 from postlane.store.schema import events, messages, recipients
@@ -146,6 +149,69 @@ def run(awaitable: Awaitable[T], timeout: float = WAIT) -> T:
         return await asyncio.wait_for(awaitable, timeout)
 
     return asyncio.run(bounded())
+
+
+class Faults:
+    """Intake's inserts, recorded, and failed on demand inside the real transaction.
+
+    A fault is raised after the rows were written, as by a failing COMMIT, so
+    the real ``Database.begin`` turns it into the store's error and rolls the
+    rows back: what a test finds stored is what really committed.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.batches: list[list[str]] = []
+        self.rule: Callable[[list[str]], Exception | None] = lambda ids: None
+        real = committer_module.insert_messages
+
+        def insert(conn: Connection, batch: Sequence[NewMessage]) -> None:
+            ids = [m.id for m in batch]
+            self.batches.append(ids)
+            real(conn, batch)
+            fault = self.rule(ids)
+            if fault is not None:
+                raise fault
+
+        monkeypatch.setattr(committer_module, "insert_messages", insert)
+
+    def always(self, fault: Callable[[], Exception]) -> None:
+        self.rule = lambda ids: fault()
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch) -> Faults:
+    return Faults(monkeypatch)
+
+
+def _caused_by(error: Exception, cause: Exception) -> Exception:
+    error.__cause__ = cause
+    return error
+
+
+#: How the store reports a database that cannot commit anything (a fresh error each time).
+DATABASE_FAILURES: dict[str, Callable[[], Exception]] = {
+    "disk I/O error": lambda: sa.exc.OperationalError(
+        "COMMIT", None, sqlite3.OperationalError("disk I/O error")
+    ),
+    "connection lost": lambda: sa.exc.DBAPIError(
+        "COMMIT",
+        None,
+        psycopg.DatabaseError("server closed the connection unexpectedly"),
+        connection_invalidated=True,
+    ),
+    "disk full, from the SQLite cursor": lambda: _caused_by(
+        StoreError("database error: database or disk is full"),
+        sqlite3.OperationalError("database or disk is full"),
+    ),
+    "no write turn": lambda: StoreError(
+        "database error: database is locked (no write turn in 10 s)"
+    ),
+    "connection pool exhausted": lambda: sa.exc.TimeoutError("QueuePool limit reached"),
+}
+
+
+def disk_io_error() -> Exception:
+    return DATABASE_FAILURES["disk I/O error"]()
 
 
 async def wait_until_held(gated: GatedDatabase) -> None:
@@ -385,6 +451,107 @@ def test_an_unexpected_error_fails_only_its_message(
         run(committer.commit(bad), timeout=1)
     good = new_message(account.id)
     assert run(committer.commit(good), timeout=1) == CommitResult(good.id)
+
+
+def test_a_batch_on_a_failing_database_costs_one_transaction_not_one_per_message(
+    db: Database, account: Account, faults: Faults
+) -> None:
+    """Each one-by-one retry would wait for its own connect or lock timeout."""
+    batch = [new_message(account.id) for _ in range(200)]
+    faults.always(disk_io_error)
+    outcome = write_batch(db, batch, timedelta(days=1))
+    assert len(faults.batches) == 1
+    assert outcome.failed_transactions == 1
+    assert all(isinstance(r, CommitFailed) for r in outcome.results)
+    assert len(outcome.results) == 200
+    assert count(db, messages) == 0
+
+
+@pytest.mark.parametrize("fault", DATABASE_FAILURES.values(), ids=DATABASE_FAILURES.keys())
+def test_a_database_failure_fails_every_session_of_the_batch_at_once(
+    committer: GroupCommitter,
+    gated: GatedDatabase,
+    db: Database,
+    account: Account,
+    faults: Faults,
+    fault: Callable[[], Exception],
+) -> None:
+    blocker = new_message(account.id)
+    batch = [new_message(account.id) for _ in range(20)]
+    faults.always(fault)
+    failed_before = failures()
+
+    async def scenario() -> list[Any]:
+        gated.hold()
+        first = await submitted(committer.commit(blocker))
+        await wait_until_held(gated)
+        tasks = await submitted(*(committer.commit(m) for m in batch))
+        gated.gate.set()
+        await asyncio.gather(*first, return_exceptions=True)
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    results = run(scenario())
+    assert all(isinstance(r, CommitFailed) for r in results)
+    assert faults.batches == [[blocker.id], [m.id for m in batch]]  # not 20 more, one each
+    assert failures() - failed_before == 2
+    assert count(db, messages) == 0
+    assert count(db, recipients) == 0
+
+
+def test_a_database_failure_in_the_one_by_one_retries_fails_the_rest_untried(
+    db: Database, account: Account, faults: Faults
+) -> None:
+    good1, good2, good3, good4 = (new_message(account.id) for _ in range(4))
+    bad = new_message(account.id + 1000)  # no such account: the foreign key refuses it
+    faults.rule = lambda ids: disk_io_error() if ids == [good2.id] else None
+
+    outcome = write_batch(db, [good1, bad, good2, good3, good4], timedelta(days=1))
+
+    assert faults.batches == [
+        [good1.id, bad.id, good2.id, good3.id, good4.id],  # the group: refused for bad
+        [good1.id],
+        [bad.id],
+        [good2.id],  # the database fails: good3 and good4 are not tried
+    ]
+    assert outcome.results[0] == CommitResult(good1.id)
+    assert all(isinstance(r, CommitFailed) for r in outcome.results[1:])
+    assert outcome.failed_transactions == 3  # the group, bad, good2: untried is not a failure
+    assert message_ids(db) == [good1.id]
+    assert count(db, recipients) == 1
+
+
+def test_a_transaction_conflict_is_retried_one_by_one(
+    db: Database, account: Account, faults: Faults
+) -> None:
+    """A deadlock or serialization failure lost a race that the retries win."""
+    batch = [new_message(account.id) for _ in range(3)]
+    conflict = sa.exc.OperationalError(
+        "INSERT", None, psycopg.errors.DeadlockDetected("deadlock detected")
+    )
+    faults.rule = lambda ids: conflict if len(ids) > 1 else None
+
+    outcome = write_batch(db, batch, timedelta(days=1))
+
+    assert len(faults.batches) == 4
+    assert outcome.results == [CommitResult(m.id) for m in batch]
+    assert outcome.failed_transactions == 1
+    assert sorted(message_ids(db)) == sorted(m.id for m in batch)
+
+
+def test_an_integrity_error_in_a_group_still_commits_the_neighbours(
+    db: Database, account: Account, faults: Faults
+) -> None:
+    good1, good2 = new_message(account.id), new_message(account.id)
+    again = new_message(account.id, id=good1.id)  # a reused queue id: the primary key refuses it
+
+    outcome = write_batch(db, [good1, again, good2], timedelta(days=1))
+
+    assert len(faults.batches) == 4
+    assert outcome.results[0] == CommitResult(good1.id)
+    assert isinstance(outcome.results[1], CommitFailed)
+    assert outcome.results[2] == CommitResult(good2.id)
+    assert outcome.failed_transactions == 2
+    assert sorted(message_ids(db)) == sorted([good1.id, good2.id])
 
 
 # -- start and stop ------------------------------------------------------------------------
