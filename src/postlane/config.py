@@ -242,11 +242,12 @@ def _check_host(value: str, key: str) -> str:
 
 
 class _RelayAuthSettings(_Section):
-    """AUTH at a relay: shared by transports and the smarthost.
+    """AUTH at a relay, and the CA its certificate is checked against: for transports and smarthost.
 
     Why ``allow_plaintext_auth`` exists and is off: the password would cross
-    the network readable by anyone on the path. A relay on the same host or
-    a private link may still need it; that is for the operator to say.
+    the network readable by anyone on the path, or go to whoever answers for
+    the host when TLS does not check the certificate. A relay on the same
+    host or a private link may still need it; that is for the operator to say.
     """
 
     username: str | None = Field(
@@ -258,7 +259,13 @@ class _RelayAuthSettings(_Section):
     allow_plaintext_auth: bool = Field(
         False,
         description="Send the credentials even without TLS (tls = 'none', or STARTTLS "
-        "not offered); otherwise such a connection is given up and the mail deferred",
+        "not offered) or with TLS that checks no certificate (tls = 'opportunistic'); "
+        "otherwise such a connection is given up and the mail deferred",
+    )
+    ca_file: Path | None = Field(
+        None,
+        description="PEM CA certificates trusted for host's certificate instead of the "
+        "system's (a private CA); needs tls = 'required', the default when it is set",
     )
 
     @field_validator("username", "password")
@@ -269,6 +276,21 @@ class _RelayAuthSettings(_Section):
             raise ValueError("must not be empty")
         if text is not None and "\0" in text:
             raise ValueError("must not contain a NUL character")
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _loadable_ca_file(cls, value: Path | None) -> Path | None:
+        """Loaded now, so a wrong path stops start-up instead of deferring the relay's mail."""
+        if value is None:
+            return None
+        # Imported here: reading settings does not otherwise need the SMTP client.
+        from postlane.delivery.client import relay_context
+
+        try:
+            relay_context(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @model_validator(mode="after")
@@ -283,6 +305,64 @@ class _RelayAuthSettings(_Section):
                 {"missing": missing, "given": given},
             )
         return self
+
+
+def _relay_error(setting: str, value: str, message: str, **context: str) -> PydanticCustomError:
+    """An error about one key of a relay, named by :func:`_describe` without the whole table.
+
+    The table holds the password: quoting it, even masked, says nothing useful.
+    """
+    return PydanticCustomError(
+        "relay_setting", message, {"setting": setting, "value": value, **context}
+    )
+
+
+_PASSWORD_WAYS_OUT = (
+    "use tls = 'required' (with ca_file for a private CA), or set allow_plaintext_auth = "
+    "true to accept that the password can be read"
+)
+
+
+def _secure_relay_tls(relay: TransportSettings | SmarthostSettings) -> None:
+    """Keep a relay's password away from whoever can intercept the connection.
+
+    Opportunistic TLS encrypts without checking the certificate, so a
+    spoofed DNS answer or anyone on the path can present any certificate and
+    receive the password. With credentials and no ``tls`` given, TLS is
+    therefore required; a weaker ``tls`` given on purpose needs
+    ``allow_plaintext_auth``, the operator's word that the password may be
+    read. ``ca_file`` implies required TLS too: only required TLS checks a
+    certificate against it.
+    """
+    credentials = relay.username is not None
+    if "tls" not in relay.model_fields_set:
+        if (credentials and not relay.allow_plaintext_auth) or relay.ca_file is not None:
+            # The model is frozen; this runs while it is being built.
+            object.__setattr__(relay, "tls", "required")
+        return
+    if relay.ca_file is not None and relay.tls != "required":
+        why = (
+            "opportunistic TLS checks no certificate, so the CA would be ignored"
+            if relay.tls == "opportunistic"
+            else "tls = 'none' makes no TLS connection, so there is no certificate to check"
+        )
+        raise _relay_error(
+            "ca_file", str(relay.ca_file), f"ca_file is only used with tls = 'required': {why}"
+        )
+    if not credentials or relay.allow_plaintext_auth or relay.tls == "required":
+        return
+    if relay.tls == "opportunistic":
+        message = (
+            "with username and password, opportunistic TLS would give the password to "
+            "whoever answers for {host}, because the certificate is not checked (a spoofed "
+            "DNS answer or anyone on the path can present any certificate); "
+        )
+    else:
+        message = (
+            "with username and password, tls = 'none' would send the password to {host} "
+            "in plaintext, readable by anyone on the path; "
+        )
+    raise _relay_error("tls", relay.tls, message + _PASSWORD_WAYS_OUT, host=relay.host)
 
 
 class TransportSettings(_RelayAuthSettings):
@@ -301,7 +381,8 @@ class TransportSettings(_RelayAuthSettings):
     tls: OutboundTls = Field(
         "opportunistic",
         description="'opportunistic' (STARTTLS if offered), 'required' (certificate "
-        "valid for host) or 'none'",
+        "valid for host, checked against ca_file if set) or 'none'; unset: 'required' "
+        "with ca_file, or with username unless allow_plaintext_auth",
     )
 
     @field_validator("domain")
@@ -325,6 +406,11 @@ class TransportSettings(_RelayAuthSettings):
     def _valid_host(cls, value: str) -> str:
         return _check_host(value, "host")
 
+    @model_validator(mode="after")
+    def _secure_tls(self) -> TransportSettings:
+        _secure_relay_tls(self)
+        return self
+
 
 class SmarthostSettings(_RelayAuthSettings):
     """The relay every domain without a transport goes through."""
@@ -334,13 +420,19 @@ class SmarthostSettings(_RelayAuthSettings):
     tls: OutboundTls = Field(
         "opportunistic",
         description="'opportunistic' (STARTTLS if offered), 'required' (certificate "
-        "valid for host) or 'none'",
+        "valid for host, checked against ca_file if set) or 'none'; unset: 'required' "
+        "with ca_file, or with username unless allow_plaintext_auth",
     )
 
     @field_validator("host")
     @classmethod
     def _valid_host(cls, value: str) -> str:
         return _check_host(value, "host")
+
+    @model_validator(mode="after")
+    def _secure_tls(self) -> SmarthostSettings:
+        _secure_relay_tls(self)
+        return self
 
 
 class DeliverySettings(_Section):
@@ -618,6 +710,9 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown setting {key!r}"
     if error["type"] == "missing":
         return f"setting {key!r} is required"
+    if error["type"] == "relay_setting":
+        context = error.get("ctx") or {}
+        return f"setting '{key}.{context['setting']}' = {context['value']!r}: {message}"
     if error["type"] == "required_with":
         context = error.get("ctx") or {}
         return (

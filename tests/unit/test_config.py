@@ -345,6 +345,150 @@ def test_an_error_about_a_list_of_transports_does_not_show_their_passwords(
     assert "'password': '***'" in message
 
 
+def _ca_pem(*, ca: bool = True) -> bytes:
+    """A self-signed certificate in PEM: a CA's, or (``ca=False``) a server's."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Relay CA")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+SMARTHOST = "[delivery.smarthost]\nhost = 'relay.test'\n"
+TRANSPORT = "[[delivery.transports]]\ndomain = 'a.test'\nhost = 'gw.test'\n"
+CREDENTIALS = "username = 'u'\npassword = 'hunter2'\n"
+
+
+def _load(tmp_path: Path, toml: str) -> config.DeliverySettings:
+    path = tmp_path / "relay.toml"
+    path.write_text(toml)
+    return config.load_settings(path).delivery
+
+
+def _refused(tmp_path: Path, toml: str) -> str:
+    path = tmp_path / "relay.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        config.load_settings(path)
+    assert "hunter2" not in str(info.value)
+    return str(info.value)
+
+
+def test_credentials_make_the_default_tls_required(tmp_path: Path) -> None:
+    """Opportunistic TLS checks no certificate: whoever answers for host would get the password."""
+    delivery = _load(tmp_path, SMARTHOST + CREDENTIALS + TRANSPORT + CREDENTIALS)
+    assert delivery.smarthost is not None
+    assert delivery.smarthost.tls == "required"
+    assert delivery.transports[0].tls == "required"
+    delivery = _load(tmp_path, SMARTHOST + TRANSPORT)
+    assert delivery.smarthost is not None
+    assert delivery.smarthost.tls == "opportunistic"
+    assert delivery.transports[0].tls == "opportunistic"
+
+
+def test_credentials_with_allowed_plaintext_auth_keep_opportunistic_tls(tmp_path: Path) -> None:
+    """The operator accepted that the password can be read: STARTTLS when offered, as before."""
+    allowed = CREDENTIALS + "allow_plaintext_auth = true\n"
+    delivery = _load(
+        tmp_path, SMARTHOST + allowed + TRANSPORT + allowed + "tls = 'opportunistic'\n"
+    )
+    assert delivery.smarthost is not None
+    assert delivery.smarthost.tls == "opportunistic"
+    assert delivery.transports[0].tls == "opportunistic"
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        (SMARTHOST + CREDENTIALS + "tls = 'opportunistic'\n", "delivery.smarthost.tls"),
+        (TRANSPORT + CREDENTIALS + "tls = 'opportunistic'\n", "delivery.transports.0.tls"),
+    ],
+    ids=["smarthost", "transport"],
+)
+def test_credentials_with_explicit_opportunistic_tls_are_refused(
+    tmp_path: Path, toml: str, key: str
+) -> None:
+    message = _refused(tmp_path, toml)
+    host = "relay.test" if "smarthost" in key else "gw.test"
+    assert f"setting '{key}' = 'opportunistic': with username and password" in message
+    assert f"the password to whoever answers for {host}" in message
+    assert "because the certificate is not checked" in message
+    assert "use tls = 'required' (with ca_file for a private CA)" in message
+    assert "or set allow_plaintext_auth = true" in message
+
+
+def test_credentials_with_tls_none_need_allow_plaintext_auth(tmp_path: Path) -> None:
+    message = _refused(tmp_path, SMARTHOST + CREDENTIALS + "tls = 'none'\n")
+    assert "setting 'delivery.smarthost.tls' = 'none'" in message
+    assert "send the password to relay.test in plaintext" in message
+    assert "or set allow_plaintext_auth = true" in message
+    allowed = SMARTHOST + CREDENTIALS + "tls = 'none'\nallow_plaintext_auth = true\n"
+    smarthost = _load(tmp_path, allowed).smarthost
+    assert smarthost is not None and smarthost.tls == "none"
+
+
+def test_ca_file_is_loaded_and_makes_tls_required(tmp_path: Path) -> None:
+    ca_file = tmp_path / "relay-ca.pem"
+    ca_file.write_bytes(_ca_pem())
+    delivery = _load(tmp_path, f"{SMARTHOST}ca_file = '{ca_file}'\n{TRANSPORT}{CREDENTIALS}")
+    assert delivery.smarthost is not None
+    assert (delivery.smarthost.ca_file, delivery.smarthost.tls) == (ca_file, "required")
+    assert delivery.transports[0].ca_file is None
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot be read: No such file or directory"),
+        (b"", "does not hold PEM CA certificates"),
+        (b"not a certificate\n", "does not hold PEM CA certificates"),
+        (_ca_pem(ca=False), "holds no CA certificate"),
+    ],
+    ids=["missing", "empty", "not-pem", "not-a-ca"],
+)
+def test_ca_file_that_is_not_pem_ca_certificates_is_refused(
+    tmp_path: Path, content: bytes | None, expected: str
+) -> None:
+    ca_file = tmp_path / "relay-ca.pem"
+    if content is not None:
+        ca_file.write_bytes(content)
+    message = _refused(tmp_path, f"{TRANSPORT}{CREDENTIALS}ca_file = '{ca_file}'\n")
+    assert f"setting 'delivery.transports.0.ca_file' = '{ca_file}': ca_file {ca_file}" in message
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("tls", "why"),
+    [
+        ("none", "tls = 'none' makes no TLS connection"),
+        ("opportunistic", "opportunistic TLS checks no certificate, so the CA would be ignored"),
+    ],
+)
+def test_ca_file_without_required_tls_is_refused(tmp_path: Path, tls: str, why: str) -> None:
+    ca_file = tmp_path / "relay-ca.pem"
+    ca_file.write_bytes(_ca_pem())
+    message = _refused(tmp_path, f"{SMARTHOST}tls = '{tls}'\nca_file = '{ca_file}'\n")
+    assert f"setting 'delivery.smarthost.ca_file' = '{ca_file}': ca_file is only used" in message
+    assert why in message
+
+
 @pytest.mark.parametrize(
     "name",
     ["mail.example.com\r\nX", "mail example.com", "bücher.example", "-bad.example", "a..b"],

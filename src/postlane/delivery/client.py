@@ -46,6 +46,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar, cast
 
@@ -61,7 +62,7 @@ from postlane.delivery.client_protocol import (
     TransactionResult,
 )
 from postlane.delivery.sasl import Credentials
-from postlane.errors import PostlaneError
+from postlane.errors import ConfigError, PostlaneError
 
 __all__ = [
     "AuthenticationFailed",
@@ -79,6 +80,7 @@ __all__ = [
     "TlsPolicy",
     "TlsRequired",
     "connect",
+    "relay_context",
 ]
 
 TlsPolicy = Literal["opportunistic", "required", "none"]
@@ -193,6 +195,31 @@ def _unverified_context() -> ssl.SSLContext:
 def _system_context() -> ssl.SSLContext:
     """Required TLS: the system CA store and host name checks; loaded once."""
     return ssl.create_default_context()
+
+
+def relay_context(ca_file: Path) -> ssl.SSLContext:
+    """Required TLS to a relay whose certificate a private CA signed: that CA, not the system's.
+
+    Only the CAs in ``ca_file`` are trusted, so a certificate some public CA
+    issued for the relay's name is not enough either. Built once per relay
+    (reading and parsing the file on every connection would be wasted work);
+    the settings check the file with this same function, so a file that
+    passed there loads here. Raises :class:`ConfigError` naming the file.
+    """
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file))
+    except ssl.SSLError as exc:  # before OSError, its base class
+        raise ConfigError(
+            f"ca_file {ca_file} does not hold PEM CA certificates: {exc.reason or exc}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"ca_file {ca_file} cannot be read: {exc.strerror or exc}") from None
+    if not context.cert_store_stats()["x509_ca"]:
+        raise ConfigError(f"ca_file {ca_file} holds no CA certificate (basicConstraints CA)")
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class _Session(asyncio.Protocol):

@@ -119,12 +119,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from publicsuffixlist import PublicSuffixList
 from sqlalchemy.engine import Connection
 
-from postlane.config import Settings, SmarthostSettings, TransportSettings
+from postlane.config import DeliverySettings, Settings, SmarthostSettings, TransportSettings
 from postlane.crypto import SecretBox, derive_key
 from postlane.delivery import list_filter, outcome_journal, verp
 from postlane.delivery.backoff import next_attempt, parse_retry_hint
@@ -137,6 +138,7 @@ from postlane.delivery.client import (
     TlsHandshakeFailed,
     TlsPolicy,
     connect,
+    relay_context,
 )
 from postlane.delivery.client_protocol import Reply, TransactionResult
 from postlane.delivery.compose import compose, compose_unsigned
@@ -288,7 +290,9 @@ class _Target:
     ``relay`` is True for a transport, the smarthost or a domain literal: its
     host is not an MX the domain published, so MTA-STS does not apply.
     ``details`` go into every event of a copy sent (or not) over it.
-    ``credentials`` (a transport's or the smarthost's) are for AUTH.
+    ``credentials`` (a transport's or the smarthost's) are for AUTH;
+    ``ssl_context`` holds the relay's ``ca_file``, trusted instead of the
+    system's CAs when its certificate is checked.
     """
 
     route: Route
@@ -298,6 +302,7 @@ class _Target:
     details: dict[str, Any] = field(default_factory=dict)
     credentials: Credentials | None = None
     allow_plaintext_auth: bool = False
+    ssl_context: ssl.SSLContext | None = None
 
     def tls_for(self, group: TlsPolicy) -> TlsPolicy:
         """The policy to connect with: the target's, but never below a message's ``required``."""
@@ -307,7 +312,14 @@ class _Target:
 
     def connection_key(self, tls: TlsPolicy) -> tuple[Any, ...]:
         """What a cached connection must share to be reused for this target."""
-        return (self.route.hosts, self.port, tls, self.credentials, self.allow_plaintext_auth)
+        return (
+            self.route.hosts,
+            self.port,
+            tls,
+            self.credentials,
+            self.allow_plaintext_auth,
+            self.ssl_context,  # a connection verified against another CA is not this one
+        )
 
 
 @dataclass(slots=True)
@@ -392,6 +404,7 @@ class DeliveryWorker:
         if self._settings.mta_sts:
             self._mta_sts = mta_sts or MtaStsCache(self._resolver)
         self._transports = _transport_table(self._settings.transports)
+        self._relay_contexts = _relay_contexts(self._settings)
         self._groups: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._stopping = asyncio.Event()
@@ -1231,6 +1244,7 @@ class DeliveryWorker:
                 details={"transport": label},
                 credentials=_credentials(entry),
                 allow_plaintext_auth=entry.allow_plaintext_auth,
+                ssl_context=self._relay_contexts.get(entry.ca_file) if entry.ca_file else None,
             )
         found = await self._route(domain)
         if not isinstance(found, Route):
@@ -1327,6 +1341,7 @@ class DeliveryWorker:
                         target.port,
                         credentials=target.credentials,
                         allow_plaintext_auth=target.allow_plaintext_auth,
+                        ssl_context=target.ssl_context,
                     )
                 except OutboundError as exc:
                     log.info("delivery to %s [%s] failed: %s", mx, address, exc.reason)
@@ -1364,6 +1379,7 @@ class DeliveryWorker:
         *,
         credentials: Credentials | None = None,
         allow_plaintext_auth: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> OutboundConnection:
         """Connect; an opportunistic TLS handshake that fails is retried once in plaintext.
 
@@ -1372,6 +1388,8 @@ class DeliveryWorker:
         broken would make that server unreachable. Required TLS is never
         downgraded, nor is a connection whose credentials may not go out in
         plaintext: the retry could only fail at AUTH, hiding the real problem.
+        ``ssl_context`` is a relay's own CA; without one, the worker's (tests)
+        or the system's is used.
         """
 
         async def attempt(policy: TlsPolicy) -> OutboundConnection:
@@ -1381,7 +1399,7 @@ class DeliveryWorker:
                 helo_name=self._helo,
                 tls=policy,
                 server_hostname=mx,
-                ssl_context=self._ssl_context,
+                ssl_context=ssl_context or self._ssl_context,
                 connect_timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
                 credentials=credentials,
@@ -1639,6 +1657,18 @@ def _is_address(host: str) -> bool:
 def _transport_table(entries: Sequence[TransportSettings]) -> dict[str, TransportSettings]:
     """Transports by their ``domain`` pattern (already lower-case A-labels, checked unique)."""
     return {entry.domain: entry for entry in entries}
+
+
+def _relay_contexts(settings: DeliverySettings) -> dict[Path, ssl.SSLContext]:
+    """The TLS context of each relay ``ca_file``, built once rather than for every connection.
+
+    A file that went missing or changed since the settings were checked
+    stops the worker with a :class:`ConfigError` naming it, rather than
+    deferring all of the relay's mail.
+    """
+    relays = [*settings.transports, settings.smarthost]
+    files = {relay.ca_file for relay in relays if relay is not None and relay.ca_file}
+    return {ca_file: relay_context(ca_file) for ca_file in files}
 
 
 def _credentials(entry: TransportSettings | SmarthostSettings) -> Credentials | None:

@@ -1564,11 +1564,13 @@ def password_in(data: object) -> bool:
 
 
 def test_smarthost_with_auth_plain_over_starttls(env: Env, pki: Pki) -> None:
+    """Opportunistic TLS with credentials: the operator accepted that the password can be read."""
     message_id = env.message("ann@anywhere.invalid", "bob@example.test")
     relay = Receiver(tls=pki.self_signed, credentials=(RELAY_USER, RELAY_PASSWORD))
 
     def make(ports: list[int]) -> dict[str, Any]:
-        return {"smarthost": relay_auth(ports[0], password=RELAY_PASSWORD)}
+        accepted = {"tls": "opportunistic", "allow_plaintext_auth": True}
+        return {"smarthost": relay_auth(ports[0], password=RELAY_PASSWORD, **accepted)}
 
     run(deliver_via(env, [relay], make))
 
@@ -1597,7 +1599,9 @@ def test_wrong_password_at_the_relay_defers_with_the_reason(env: Env, pki: Pki) 
 
     def make(given: list[int]) -> dict[str, Any]:
         ports.extend(given)
-        return {"smarthost": relay_auth(given[0], password="not the password")}
+        # Self-signed: unverified TLS, which the operator accepted.
+        accepted = {"tls": "opportunistic", "allow_plaintext_auth": True}
+        return {"smarthost": relay_auth(given[0], password="not the password", **accepted)}
 
     run(deliver_via(env, [relay], make))
 
@@ -1617,6 +1621,12 @@ def test_wrong_password_at_the_relay_defers_with_the_reason(env: Env, pki: Pki) 
 
 
 def test_plaintext_relay_is_not_sent_the_password_unless_allowed(env: Env) -> None:
+    """Credentials without ``allow_plaintext_auth`` make TLS required: no STARTTLS, no AUTH.
+
+    (The client's own refusal to send them without TLS, "TLS is not
+    active", is tested in test_client.py: the settings no longer let a
+    relay with credentials get that far without TLS.)
+    """
     message_id = env.message("ann@anywhere.invalid", "cat@partner.test")
     # Neither offers STARTTLS; both offer AUTH in the clear.
     relay = Receiver(credentials=(RELAY_USER, RELAY_PASSWORD), plaintext_auth=True)
@@ -1636,8 +1646,7 @@ def test_plaintext_relay_is_not_sent_the_password_unless_allowed(env: Env) -> No
     rows = env.recipients(message_id)
     refused = rows["ann@anywhere.invalid"]
     assert refused.status == "deferred"
-    assert refused.last_reply is not None
-    assert "failed: TLS is not active, and credentials are not sent" in refused.last_reply
+    assert refused.last_reply == "127.0.0.1 did not offer STARTTLS"
     assert relay.sessions == 1 and relay.messages == []
     assert b"AUTH" not in relay.wire  # the receiver never saw an AUTH command
     assert not password_in(relay.wire)
@@ -1650,6 +1659,53 @@ def test_plaintext_relay_is_not_sent_the_password_unless_allowed(env: Env) -> No
     assert delivered.data["transport"] == "partner.test"
 
 
+def test_a_relay_signed_by_a_private_ca_gets_the_password_only_with_its_ca_file(
+    env: Env, pki: Pki
+) -> None:
+    """Credentials make TLS required; ``ca_file`` names the CA the relay's certificate needs.
+
+    Both relays have a certificate for their host name from the test CA, as
+    an internal relay has one from a company CA. The transport names that CA
+    in ``ca_file`` and is sent mail after AUTH; the smarthost does not, so
+    its certificate is checked against the system's CAs, fails, and the
+    password is never sent (as to anyone presenting a certificate of their
+    own for the relay's name).
+    """
+    message_id = env.message("ann@anywhere.invalid", "cat@partner.test")
+    trusted = Receiver(tls=pki.signed, credentials=(RELAY_USER, RELAY_PASSWORD))
+    unknown = Receiver(tls=pki.signed, credentials=(RELAY_USER, RELAY_PASSWORD))
+    ca_file = env.tmp_path / "relay-ca.pem"
+    ca_file.write_bytes(pki.ca_pem)
+
+    def make(ports: list[int]) -> dict[str, Any]:
+        transport = relay_auth(
+            ports[0], password=RELAY_PASSWORD, domain="partner.test", ca_file=str(ca_file)
+        )
+        transport["host"] = MX_NAME  # the name the certificate is for
+        smarthost = {**relay_auth(ports[1], password=RELAY_PASSWORD), "host": MX_NAME}
+        return {"transports": [transport], "smarthost": smarthost}
+
+    run(deliver_via(env, [trusted, unknown], make))
+
+    rows = env.recipients(message_id)
+    assert rows["cat@partner.test"].status == "delivered"
+    assert trusted.auth_attempts == [("PLAIN", RELAY_USER, True)]
+    assert [m.recipients for m in trusted.messages] == [("cat@partner.test",)]
+    assert trusted.messages[0].tls
+    delivered = env.events(message_id, "delivered")[0].data
+    assert delivered["auth"] == "PLAIN" and delivered["transport"] == "partner.test"
+    assert delivered["tls"] in ("TLSv1.2", "TLSv1.3")
+
+    refused = rows["ann@anywhere.invalid"]
+    assert refused.status == "deferred"
+    assert refused.last_reply is not None
+    assert refused.last_reply.startswith(f"certificate for {MX_NAME} is not valid")
+    assert unknown.auth_attempts == [] and unknown.messages == []
+    assert b"AUTH" not in unknown.wire and not password_in(unknown.wire)
+    deferred = env.events(message_id, "deferred")[0].data
+    assert deferred["transport"] == "smarthost" and deferred["status"] == "4.7.5"
+
+
 def test_mx_delivery_records_no_auth(env: Env) -> None:
     message_id = env.message("ann@example.test")
     run(deliver(env, Receiver()))
@@ -1660,7 +1716,8 @@ def test_a_broken_handshake_is_not_retried_in_plaintext_with_credentials(env: En
     """No plaintext retry after a failed handshake when credentials may not go in plaintext.
 
     Without credentials opportunistic TLS falls back to plaintext; with them
-    that retry could only fail at AUTH and hide what really went wrong.
+    (and no ``allow_plaintext_auth``) TLS is required, which is never
+    downgraded: a retry could only leak the password or fail at AUTH.
     """
     message_id = env.message("ann@anywhere.invalid")
     lines: list[bytes] = []
