@@ -528,7 +528,20 @@ class DeliveryWorker:
         return await self._write(lease)
 
     def _dispatch(self, rows: Sequence[queue.Leased]) -> list[asyncio.Task[None]]:
-        """One task per recipient domain; rows arrive sorted by domain."""
+        """One task per recipient domain; rows arrive sorted by domain.
+
+        A row this worker is still sending is not sent again. It comes back
+        when another worker's sweep took it while this one's lease renewal
+        failed (the database away longer than a lease): a second attempt would
+        send the copy twice, and the outcome fence, which compares owners,
+        could not keep the stale attempt's outcome from overwriting the new
+        one's. The attempt in flight reports for the row; the new lease only
+        holds it.
+        """
+        again = [row.id for row in rows if row.id in self._leased]
+        if again:
+            log.warning("%d leased row(s) are already in flight here; not sent twice", len(again))
+            rows = [row for row in rows if row.id not in self._leased]
         batch = _Batch()
         if rows:
             ids = list(dict.fromkeys(row.message_id for row in rows))

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import dkim
 import pytest
+import sqlalchemy as sa
 
 from dnsserver import DnsServer
 from postlane import crypto
@@ -65,6 +66,7 @@ from postlane.store import suppressions as suppression_store
 from postlane.store import templates as template_store
 from postlane.store.domains import SendingDomain
 from postlane.store.intake import NewMessage, NewRecipient, insert_messages
+from postlane.store.schema import recipients
 from postlane.tenants import admin
 
 from .conftest import MX_NAME, Pki
@@ -1939,6 +1941,52 @@ def test_archive_in_test_mode_keeps_the_copy_that_was_not_sent(env: Env) -> None
 
 
 # -- lease renewal -------------------------------------------------------------------------------
+
+
+def test_a_row_taken_back_while_in_flight_here_is_not_sent_twice(env: Env) -> None:
+    """Another worker's sweep took the row while this one sent it; it was leased and sent again."""
+    message_id = env.message("ann@example.test")
+
+    def row() -> queue.QueueRow:
+        with env.db.connect() as conn:
+            (found,) = [r for r in queue.list_queue(conn) if r.message_id == message_id]
+        return found
+
+    async def scenario() -> Receiver:
+        receiver = Receiver(greeting_delay=1.5)
+        port = await receiver.start()
+        worker = DeliveryWorker(env.settings(port, poll_interval=0.05), env.db, MASTER)
+        await worker.start()
+        try:
+            for _ in range(100):
+                if row().status == "sending":
+                    break
+                await asyncio.sleep(0.02)
+            # what a sweep elsewhere does to a lease it thinks ran out
+            with env.db.begin() as conn:
+                conn.execute(
+                    sa.update(recipients)
+                    .where(recipients.c.message_id == message_id)
+                    .values(
+                        status="deferred",
+                        next_attempt_at=datetime.now(UTC) - timedelta(seconds=1),
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                )
+            for _ in range(150):
+                if row().status == "delivered":
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1.0)  # room for a second copy, if one were on its way
+        finally:
+            await worker.stop()
+            await receiver.stop()
+        return receiver
+
+    receiver = run(scenario())
+    assert len(receiver.messages) == 1
+    assert row().status == "delivered"
 
 
 def test_leases_of_rows_in_flight_are_renewed(env: Env) -> None:
