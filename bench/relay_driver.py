@@ -247,6 +247,7 @@ submission = true
 [delivery]
 nameservers = ["{nameserver}"]
 mx_port = {sink}
+allow_internal_mx = true
 concurrency = {concurrency}
 lease_batch = {lease_batch}
 poll_interval = {poll_interval}

@@ -445,6 +445,12 @@ class DeliverySettings(_Section):
     mx_port: int = Field(
         25, ge=1, le=65535, description="TCP port of recipients' mail exchangers (25; tests)"
     )
+    allow_internal_mx: bool = Field(
+        False,
+        description="Deliver to mail exchangers and address literals whose addresses are "
+        "not public (loopback, private, link-local, shared, reserved); off, they are "
+        "skipped. Transports and the smarthost are always allowed",
+    )
     concurrency: int = Field(
         20, ge=1, le=10000, description="Outbound SMTP connections open at once, in total"
     )

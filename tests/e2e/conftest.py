@@ -147,6 +147,7 @@ def server(
         roles=("smtp", "delivery"),
         extra_toml=(
             f'\n[delivery]\nnameservers = ["{dns.nameserver}"]\n'
+            "allow_internal_mx = true\n"  # the namespaces' addresses are private
             f"poll_interval = 0.1\nlease_seconds = {LEASE_SECONDS}\n"
             f"lease_batch = {LEASE_BATCH}\n"
         ),

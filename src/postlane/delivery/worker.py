@@ -292,7 +292,10 @@ class _Target:
     ``details`` go into every event of a copy sent (or not) over it.
     ``credentials`` (a transport's or the smarthost's) are for AUTH;
     ``ssl_context`` holds the relay's ``ca_file``, trusted instead of the
-    system's CAs when its certificate is checked.
+    system's CAs when its certificate is checked. ``public_only``: the
+    recipient's domain chose the hosts (MX records, an address literal), so
+    only public addresses are connected to, unless the operator allows
+    internal ones (``delivery.allow_internal_mx``).
     """
 
     route: Route
@@ -303,6 +306,7 @@ class _Target:
     credentials: Credentials | None = None
     allow_plaintext_auth: bool = False
     ssl_context: ssl.SSLContext | None = None
+    public_only: bool = False
 
     def tls_for(self, group: TlsPolicy) -> TlsPolicy:
         """The policy to connect with: the target's, but never below a message's ``required``."""
@@ -1264,7 +1268,12 @@ class DeliveryWorker:
             return found
         # A domain literal's "host" is an address the sender chose, not an MX:
         # no MTA-STS policy can name it.
-        return _Target(found, self._settings.mx_port, relay=domain.startswith("["))
+        return _Target(
+            found,
+            self._settings.mx_port,
+            relay=domain.startswith("["),
+            public_only=not self._settings.allow_internal_mx,
+        )
 
     def _relay(self, domain: str) -> tuple[str, TransportSettings | SmarthostSettings] | None:
         """The transport (exact domain, then the longest ``*.`` suffix) or smarthost, with a label.
@@ -1345,6 +1354,11 @@ class DeliveryWorker:
             if isinstance(addresses, DnsFailure):
                 problem, temporary = addresses, temporary or addresses.temporary
                 continue
+            if target.public_only:
+                addresses, internal = _split_public(addresses)
+                if not addresses:
+                    problem, temporary = _only_internal(mx, internal), True
+                    continue
             for address in addresses:
                 try:
                     connection = await self._open(
@@ -1670,6 +1684,29 @@ def _is_address(host: str) -> bool:
 def _transport_table(entries: Sequence[TransportSettings]) -> dict[str, TransportSettings]:
     """Transports by their ``domain`` pattern (already lower-case A-labels, checked unique)."""
     return {entry.domain: entry for entry in entries}
+
+
+def _split_public(addresses: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``addresses`` into public ones (to connect to) and the rest (skipped)."""
+    public: list[str] = []
+    internal: list[str] = []
+    for address in addresses:
+        (public if ipaddress.ip_address(address).is_global else internal).append(address)
+    return public, internal
+
+
+def _only_internal(mx: str, internal: Sequence[str]) -> DnsFailure:
+    """Why a host with only non-public addresses was not connected to.
+
+    Temporary: the operator may allow internal hosts or add a transport, and
+    the mail should still be there when they do; it expires like any other.
+    """
+    shown = ", ".join(internal[:3]) + (", ..." if len(internal) > 3 else "")
+    return DnsFailure(
+        temporary=True,
+        reason=f"{mx} has no public address ({shown}); delivery.allow_internal_mx is off",
+        status="4.4.4",
+    )
 
 
 def _relay_contexts(settings: DeliverySettings) -> dict[Path, ssl.SSLContext]:

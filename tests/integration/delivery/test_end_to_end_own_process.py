@@ -27,6 +27,7 @@ def server_config(dns: DnsServer, mx_port: int) -> ServerConfig:
         roles=(),
         extra_toml=(
             f'\n[delivery]\nnameservers = ["{dns.nameserver}"]\nmx_port = {mx_port}\n'
+            "allow_internal_mx = true\n"
             "poll_interval = 0.1\n"
         ),
     )

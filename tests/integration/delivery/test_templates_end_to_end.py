@@ -75,6 +75,7 @@ def server_config(dns: DnsServer, mx: tuple[Receiver, int]) -> ServerConfig:
         prepare=_put_template,
         extra_toml=(
             f'\n[delivery]\nnameservers = ["{dns.nameserver}"]\nmx_port = {mx[1]}\n'
+            "allow_internal_mx = true\n"
             "poll_interval = 0.1\n"
         ),
     )

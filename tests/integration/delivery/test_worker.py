@@ -258,6 +258,7 @@ class Env:
         values: dict[str, Any] = {
             "nameservers": [self.dns.nameserver],
             "mx_port": port,
+            "allow_internal_mx": True,  # the receivers listen on loopback
             "lease_batch": 100,
             "lease_seconds": 60,
             **delivery,
@@ -879,6 +880,30 @@ def test_unreachable_mx_defers(env: Env) -> None:
     row = env.recipients(message_id)["ann@example.test"]
     assert row.status == "deferred"
     assert row.last_reply is not None and "refused" in row.last_reply
+
+
+@pytest.mark.parametrize("recipient", ["ann@example.test", "ann@[127.0.0.1]"])
+def test_a_recipient_domain_cannot_point_delivery_at_internal_addresses(
+    env: Env, recipient: str
+) -> None:
+    """Its MX records (or an address literal) made Postlane connect into the operator's network."""
+    message_id = env.message(recipient)
+    receiver = Receiver()
+    assert run(deliver(env, receiver, allow_internal_mx=False)) == [1]
+    assert receiver.messages == []
+    row = env.recipients(message_id)[recipient]
+    assert row.status == "deferred"
+    assert row.last_reply is not None
+    assert "has no public address (127.0.0.1); delivery.allow_internal_mx is off" in row.last_reply
+    # allowed by the operator, the same recipient is delivered
+    with env.db.begin() as conn:
+        conn.execute(
+            sa.update(recipients)
+            .where(recipients.c.message_id == message_id)
+            .values(next_attempt_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    run(deliver(env, receiver))
+    assert env.recipients(message_id)[recipient].status == "delivered"
 
 
 def test_expired_deferral_becomes_expired(env: Env) -> None:
