@@ -13,16 +13,31 @@ through ``cid:``) are never touched; what counts as an attachment is
 :func:`postlane.render.content.is_attachment`. File names keep non-ASCII
 characters: they are read with RFC 2231 and RFC 2047 decoding, written with
 RFC 2231, and stored in the archive with its UTF-8 name flag.
+
+Unpacking is bounded per copy of a message, over all its archives together:
+at most :data:`MAX_UNZIPPED_FILES` files and :data:`MAX_UNZIPPED_BYTES`
+bytes, and no more bytes than :data:`MAX_UNZIP_RATIO` times the message's own
+size (never less than :data:`UNZIP_RATIO_FLOOR`). Per-archive caps alone let
+a 561 KB message of many small zip bombs become a 574 MB copy, and each
+recipient gets a copy of its own, so the work must be bounded by what the
+sender sent. The ratio is far above what ordinary content compresses by
+(text and CSV seldom pass 10:1), so it binds on little but repeated padding,
+i.e. bombs; the floor keeps it from refusing a small archive of text. An
+archive that does not fit in what is left is attached as it was, as is any
+archive not unpacked: the recipient still gets what the sender sent, and
+nothing is lost but the convenience.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import lzma
 import mimetypes
 import re
 import zlib
+from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import DateHeader
 from email.message import EmailMessage, MIMEPart
@@ -47,15 +62,23 @@ __all__ = [
     "DEFAULT_ARCHIVE_NAME",
     "MAX_UNZIPPED_BYTES",
     "MAX_UNZIPPED_FILES",
+    "MAX_UNZIP_RATIO",
+    "UNZIP_RATIO_FLOOR",
     "apply_attachment_policy",
 ]
 
 ATTACHMENT_POLICIES: Final = ("off", "zip", "unzip")
 DEFAULT_ARCHIVE_NAME: Final = "attachments.zip"
 MAX_UNZIPPED_BYTES: Final = 50 * 1024 * 1024
-"""An archive unpacking to more than this is left as it is: a zip bomb, or too big to mail."""
+"""Bytes unpacked into one copy, all archives together: more is a zip bomb or too big to mail."""
 MAX_UNZIPPED_FILES: Final = 100
-"""An archive holding more files than this is left as it is: nobody reads 100 attachments."""
+"""Files unpacked into one copy, all archives together: nobody reads 100 attachments."""
+MAX_UNZIP_RATIO: Final = 100
+"""Bytes unpacked per byte of the message, so a small message cannot make a big copy."""
+UNZIP_RATIO_FLOOR: Final = 1024 * 1024
+"""What :data:`MAX_UNZIP_RATIO` allows at least, so a small archive of text is still unpacked."""
+
+log = logging.getLogger(__name__)
 
 _ZIP_TYPES: Final = frozenset(
     ("application/zip", "application/x-zip", "application/x-zip-compressed")
@@ -97,7 +120,8 @@ def _type_table() -> mimetypes.MimeTypes:
 
 _TYPES: Final = _type_table()
 _UNSAFE_NAME_CHARS: Final = re.compile(r"[\x00-\x1f\x7f]")
-# Whatever an archive from outside can raise while being listed or unpacked.
+_DEFAULT_MEMBER_NAME: Final = "file.bin"
+# What an archive from outside is known to raise while being listed or unpacked.
 _ARCHIVE_ERRORS: Final = (
     pyzipper.BadZipFile,
     zlib.error,
@@ -122,9 +146,9 @@ def apply_attachment_policy(
     attachment's place. ``"unzip"`` replaces each attached zip archive with
     the files in it, as separate attachments in its place, folders
     flattened. An archive that cannot be unpacked safely (encrypted, corrupt,
-    empty, over :data:`MAX_UNZIPPED_FILES` files or :data:`MAX_UNZIPPED_BYTES`
-    unpacked) is left attached as it is, so the recipient still gets what the
-    sender sent. Archives inside archives are not unpacked.
+    empty, or more than is left of the copy's budget: see the module's
+    docstring) is left attached as it is, so the recipient still gets what
+    the sender sent. Archives inside archives are not unpacked.
 
     Returns ``message`` itself when there is nothing to change; a message
     that is not multipart is returned so without being parsed, because a
@@ -140,7 +164,7 @@ def apply_attachment_policy(
     if policy == "zip":
         changed = _zip_attachments(tree, archive_name, password or None)
     else:
-        changed = _unzip_attachments(tree)
+        changed = _unzip_attachments(tree, _Budget.for_message(len(message)))
     return message_bytes(tree) if changed else message
 
 
@@ -275,13 +299,34 @@ def _remove(part: MIMEPart, parent: MIMEPart, parents: dict[int, MIMEPart]) -> N
         _remove(parent, grandparent, parents)
 
 
-def _unzip_attachments(tree: EmailMessage) -> bool:
+@dataclass
+class _Budget:
+    """What is left to unpack into one copy of a message, over all its archives."""
+
+    bytes_left: int
+    files_left: int
+
+    @classmethod
+    def for_message(cls, size: int) -> _Budget:
+        allowed = max(UNZIP_RATIO_FLOOR, MAX_UNZIP_RATIO * size)
+        return cls(bytes_left=min(MAX_UNZIPPED_BYTES, allowed), files_left=MAX_UNZIPPED_FILES)
+
+    def take(self, files: int, size: int) -> bool:
+        """Whether ``files`` files of ``size`` bytes fit; if they do, they are spent."""
+        if files > self.files_left or size > self.bytes_left:
+            return False
+        self.files_left -= files
+        self.bytes_left -= size
+        return True
+
+
+def _unzip_attachments(tree: EmailMessage, budget: _Budget) -> bool:
     changed = False
     for part, parent in list(leaves(tree)):
         if parent is None or not is_attachment(part, parent) or not _is_zip(part):
             continue
         content = part.get_payload(decode=True)
-        files = _unpack(content) if isinstance(content, bytes) else None
+        files = _unpack(content, budget) if isinstance(content, bytes) else None
         if files is None:
             continue
         siblings = children(parent)
@@ -296,33 +341,57 @@ def _is_zip(part: MIMEPart) -> bool:
     return part.get_content_type() in _ZIP_TYPES or name.lower().endswith(".zip")
 
 
-def _unpack(content: bytes) -> list[tuple[str, bytes]] | None:
+def _unpack(content: bytes, budget: _Budget) -> list[tuple[str, bytes]] | None:
     """The files in a zip archive, or None when it is not to be unpacked.
 
     Checking the declared sizes before decompressing anything is enough:
     zipfile never returns more than an entry's declared size, decompressing
     no further than that, and an entry that lies about its size then fails
-    its CRC check.
+    its CRC check. The sizes are taken from ``budget`` before reading, so an
+    archive that then fails still pays for the work it caused; otherwise
+    many lying archives would each decompress a full budget's worth.
+
+    Whatever else the archive makes zipfile raise also leaves it attached: a
+    corrupt zip is the sender's file, not our failure, and must not fail the
+    recipient. MemoryError is let through, as it says nothing about the file.
     """
     try:
         with pyzipper.AESZipFile(io.BytesIO(content)) as archive:
             entries = [
                 entry
                 for entry in archive.infolist()
-                if not entry.is_dir() and not entry.filename.startswith("__MACOSX/")
+                if not _is_folder(entry) and not entry.filename.startswith("__MACOSX/")
             ]
-            if not entries or len(entries) > MAX_UNZIPPED_FILES:
+            if not entries:
                 return None
             if any(entry.flag_bits & _ENCRYPTED_FLAG for entry in entries):
                 return None  # encrypted: the password is the recipient's to know
-            if sum(entry.file_size for entry in entries) > MAX_UNZIPPED_BYTES:
+            if not budget.take(len(entries), sum(entry.file_size for entry in entries)):
                 return None
             files: list[tuple[str, bytes]] = [
                 (_member_name(entry), archive.read(entry)) for entry in entries
             ]
     except _ARCHIVE_ERRORS:
         return None
+    except MemoryError:
+        raise
+    except Exception:
+        # Not one of the errors zipfile is known to raise: logged, so a fault
+        # of ours would still show, but the copy goes out with the archive.
+        log.warning("zip attachment left as it is: unexpected error reading it", exc_info=True)
+        return None
     return files
+
+
+def _is_folder(entry: pyzipper.ZipInfo) -> bool:
+    """Whether ``entry`` is a folder, for any name.
+
+    zipfile cuts a name at its first NUL, so one starting with NUL is empty,
+    and pyzipper's ``is_dir`` then raises IndexError; such an entry is a file,
+    named :data:`_DEFAULT_MEMBER_NAME` by :func:`_member_name`.
+    """
+    name: str = entry.filename
+    return name.endswith("/")
 
 
 def _member_name(entry: pyzipper.ZipInfo) -> str:
@@ -337,4 +406,4 @@ def _member_name(entry: pyzipper.ZipInfo) -> str:
         with contextlib.suppress(UnicodeError):
             name = name.encode("cp437").decode("utf-8")
     base = _UNSAFE_NAME_CHARS.sub("", name.replace("\\", "/").rsplit("/", 1)[-1]).strip()
-    return base or "file.bin"
+    return base or _DEFAULT_MEMBER_NAME

@@ -366,3 +366,110 @@ def test_zip_lying_about_its_size_is_left_as_it_is(monkeypatch: pytest.MonkeyPat
     assert lying != archive
     data = with_zip(lying).as_bytes()
     assert apply_attachment_policy(data, "unzip", archive_name="", password=None) is data
+
+
+# unzip: one budget per copy ---------------------------------------------------------
+
+
+def with_zips(*archives: bytes) -> EmailMessage:
+    message = with_zip(archives[0], "z0.zip")
+    for number, archive in enumerate(archives[1:], start=1):
+        message.add_attachment(
+            archive, maintype="application", subtype="zip", filename=f"z{number}.zip"
+        )
+    return message
+
+
+def unzip(data: bytes) -> bytes:
+    return apply_attachment_policy(data, "unzip", archive_name="", password=None)
+
+
+def test_unpacked_bytes_are_bounded_per_copy_and_later_archives_stay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(attachments, "MAX_UNZIPPED_BYTES", 1000)
+    archives = [zip_bytes((f"f{n}.bin", bytes([n]) * 400)) for n in range(5)]
+    parts = attached(unzip(with_zips(*archives).as_bytes()))
+    unpacked = [part for part in parts if part.get_content_type() != "application/zip"]
+    assert [part.get_filename() for part in unpacked] == ["f0.bin", "f1.bin"]
+    assert sum(len(content_of(part)) for part in unpacked) <= 1000
+    kept = [part for part in parts if part.get_content_type() == "application/zip"]
+    assert [part.get_filename() for part in kept] == ["z2.zip", "z3.zip", "z4.zip"]
+    assert [content_of(part) for part in kept] == archives[2:]
+
+
+def test_unpacked_files_are_bounded_per_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attachments, "MAX_UNZIPPED_FILES", 5)
+    archives = [zip_bytes((f"a{n}.txt", b"a"), (f"b{n}.txt", b"b")) for n in range(4)]
+    parts = attached(unzip(with_zips(*archives).as_bytes()))
+    assert [part.get_filename() for part in parts] == [
+        "a0.txt",
+        "b0.txt",
+        "a1.txt",
+        "b1.txt",
+        "z2.zip",
+        "z3.zip",
+    ]
+    assert [content_of(part) for part in parts[4:]] == archives[2:]
+
+
+def test_unpacked_bytes_are_bounded_by_the_message_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attachments, "UNZIP_RATIO_FLOOR", 1000)
+    padding = with_zip(zip_bytes(("pad.bin", b"\0" * 200_000))).as_bytes()
+    assert len(padding) * attachments.MAX_UNZIP_RATIO < 200_000
+    assert unzip(padding) is padding
+    text = with_zip(zip_bytes(("notes.txt", b"meeting notes\n" * 100))).as_bytes()
+    assert [part.get_filename() for part in attached(unzip(text))] == ["notes.txt"]
+
+
+def test_an_archive_that_fails_still_spends_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else many archives lying about their size would each decompress a full budget."""
+    monkeypatch.setattr(attachments, "MAX_UNZIPPED_BYTES", 1000)
+    archive = zip_bytes(("a.bin", b"0" * 5000))
+    lying = archive.replace((5000).to_bytes(4, "little"), (900).to_bytes(4, "little"))
+    assert lying != archive
+    data = with_zips(lying, zip_bytes(("b.bin", b"1" * 200))).as_bytes()
+    assert unzip(data) is data
+
+
+def empty_named(archive: bytes, name: bytes, *, local_header_too: bool) -> bytes:
+    """``archive`` with ``name`` starting with NUL, which zipfile reads as an empty name."""
+    blank = b"\0" + name[1:]
+    if local_header_too:
+        return archive.replace(name, blank)
+    at = archive.rindex(name)  # the central directory's copy comes last
+    return archive[:at] + blank + archive[at + len(name) :]
+
+
+def test_member_with_an_empty_name_in_a_corrupt_zip_leaves_it_attached() -> None:
+    corrupt = empty_named(
+        zip_bytes(("a.txt", b"hello"), ("b.txt", b"world")), b"a.txt", local_header_too=False
+    )
+    data = with_zip(corrupt).as_bytes()
+    assert unzip(data) is data
+
+
+def test_member_with_an_empty_name_is_unpacked_under_a_default_name() -> None:
+    archive = empty_named(zip_bytes(("a.txt", b"hello")), b"a.txt", local_header_too=True)
+    parts = attached(unzip(with_zip(archive).as_bytes()))
+    assert [(part.get_filename(), content_of(part)) for part in parts] == [("file.bin", b"hello")]
+
+
+def test_unexpected_error_reading_a_zip_leaves_it_attached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(entry: object) -> bool:
+        raise LookupError("a zipfile quirk")
+
+    monkeypatch.setattr(attachments, "_is_folder", broken)
+    data = with_zip(zip_bytes(("a.txt", b"hello"))).as_bytes()
+    assert unzip(data) is data
+
+
+def test_memory_error_reading_a_zip_is_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def exhausted(entry: object) -> bool:
+        raise MemoryError
+
+    monkeypatch.setattr(attachments, "_is_folder", exhausted)
+    with pytest.raises(MemoryError):
+        unzip(with_zip(zip_bytes(("a.txt", b"hello"))).as_bytes())
