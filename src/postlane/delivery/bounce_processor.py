@@ -37,17 +37,27 @@ Plain-text bounces that are not RFC 3464 reports (qmail style) are not acted
 on, even at a valid VERP address: vacation replies and people answering go
 there too, and marking a delivered recipient bounced on their word would be
 wrong. They are recorded as not matched, with the recipient ids they named.
+
+A message whose transaction fails (a bug, a value the database refuses) is
+retried, but it must neither be retried for ever nor keep the messages after
+it waiting: each failure is logged and counted
+(:func:`~postlane.store.inbound.record_inbound_failure`), the next attempt
+waits :data:`RETRY_DELAY`, doubled per failure, and the
+:data:`MAX_ATTEMPTS`-th failure marks the message processed with the error
+as its outcome. A run reads page after page until the work list is read, so
+failing or waiting messages never fill the batch that healthy ones needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from sqlalchemy.engine import Connection
@@ -80,6 +90,20 @@ LOOKBACK_IDS: Final = 10_000
 RESCAN_SECONDS: Final = 3600.0
 #: Feedback types that are complaints (RFC 5965 §7.3: "abuse" is "this is spam").
 COMPLAINT_TYPES: Final = frozenset({"abuse"})
+#: Failed attempts after which a message is given up (marked processed with the error).
+MAX_ATTEMPTS: Final = 5
+#: Wait before the first retry, doubled after each further failure: a lock
+#: timeout or a brief outage gets some 15 minutes in all before a genuine
+#: bounce is given up, a message that can never succeed no longer than that.
+RETRY_DELAY: Final = timedelta(minutes=1)
+#: Longest error text logged and recorded per failure.
+_ERROR_CHARS: Final = 500
+
+
+class _Attempt(enum.Enum):
+    PROCESSED = "processed"  # off the work list by this processor, applied or given up
+    SKIPPED = "skipped"  # another processor had done it already
+    LATER = "later"  # still on the work list: failed, or waiting to be retried
 
 
 def _utc_now() -> datetime:
@@ -151,35 +175,81 @@ class BounceProcessor:
     # -- one batch ----------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Process one batch of unprocessed inbound messages; how many were processed.
+        """Process the unprocessed inbound messages; how many were taken off the work list.
 
-        Blocking (the running role calls it in a thread). A message whose
-        transaction fails is logged and left for the next call; the others
-        are still processed.
+        Blocking (the running role calls it in a thread). Pages of
+        :data:`BATCH` are read until the list is exhausted or a batch's worth
+        was processed (the role then calls again at once): a page of messages
+        that fail or wait for a retry does not stop the next page being read.
+        The cursor stops before the first message left for later, so it is
+        read again on the next call.
         """
         now_mono = self._monotonic()
         if now_mono - self._last_rescan >= RESCAN_SECONDS:
             self._cursor, self._last_rescan = 0, now_mono
-        with self._db.connect() as conn:
-            batch = inbound_store.pending_inbound(
-                conn, after_event_id=max(0, self._cursor - LOOKBACK_IDS), limit=BATCH
-            )
+        after = max(0, self._cursor - LOOKBACK_IDS)
         processed = 0
-        handled: list[int] = []
-        failed: list[int] = []
-        for message in batch:
-            if self._halt.is_set():  # stopping: the rest waits for the next start
-                break
-            try:
-                if self._process(message):
+        first_left: int | None = None
+        last_seen: int | None = None
+        while not self._halt.is_set():
+            with self._db.connect() as conn:
+                batch = inbound_store.pending_inbound(conn, after_event_id=after, limit=BATCH)
+            for message in batch:
+                if self._halt.is_set():  # stopping: the rest waits for the next start
+                    break
+                result = self._attempt(message)
+                if result is _Attempt.PROCESSED:
                     processed += 1
-            except Exception:
-                log.exception("inbound message %s: processing failed", message.message_id)
-                failed.append(message.event_id)
-            handled.append(message.event_id)
-        if handled:
-            self._cursor = max(self._cursor, min(failed) - 1 if failed else max(handled))
+                elif result is _Attempt.LATER and first_left is None:
+                    first_left = message.event_id
+                last_seen = message.event_id
+            if len(batch) < BATCH or processed >= BATCH:
+                break
+            after = batch[-1].event_id
+        if last_seen is not None:
+            self._cursor = max(
+                self._cursor, first_left - 1 if first_left is not None else last_seen
+            )
         return processed
+
+    def _attempt(self, message: InboundMessage) -> _Attempt:
+        """Process ``message`` unless its retry is not due; count it if it fails."""
+        now = self._clock()
+        if message.failures and message.last_failure_at is not None:
+            due = message.last_failure_at + RETRY_DELAY * 2 ** (message.failures - 1)
+            if now < due:
+                return _Attempt.LATER
+        try:
+            return _Attempt.PROCESSED if self._process(message) else _Attempt.SKIPPED
+        except Exception as e:
+            error = _describe(e)
+            log.error(
+                "inbound message %s (event %d): processing failed: %s",
+                message.message_id,
+                message.event_id,
+                error,
+                exc_info=True,
+            )
+        try:
+            with self._db.begin() as conn:
+                if not inbound_store.claim_inbound(conn, message):
+                    return _Attempt.SKIPPED
+                given_up = inbound_store.record_inbound_failure(
+                    conn, message, now=now, error=error, max_attempts=MAX_ATTEMPTS
+                )
+        except Exception:  # the database itself is failing: the next run tries again
+            log.exception("inbound message %s: failure not recorded", message.message_id)
+            return _Attempt.LATER
+        if given_up:
+            log.error(
+                "inbound message %s (event %d): given up after %d failed attempts: %s",
+                message.message_id,
+                message.event_id,
+                MAX_ATTEMPTS,
+                error,
+            )
+            return _Attempt.PROCESSED
+        return _Attempt.LATER
 
     def _process(self, message: InboundMessage) -> bool:
         """Apply one inbound message; False if another processor had done it already."""
@@ -398,6 +468,16 @@ def _classify(block: DsnRecipient) -> Classification:
     if status is not None and status[1:] == ".0.0":
         status = None  # generic: let the reply's own code, if any, speak
     return classify(code, status, text)
+
+
+def _describe(error: Exception) -> str:
+    """One bounded line naming the error, without the SQL and parameters a driver error adds.
+
+    The parameters may be the very text that failed (a NUL the database
+    refused) and the recipients' addresses: not for the event log.
+    """
+    first = str(error).strip().partition("\n")[0]
+    return inbound_store.printable(f"{type(error).__name__}: {first}", _ERROR_CHARS)
 
 
 def _unmatched(reason: str, **extra: Any) -> dict[str, Any]:

@@ -17,6 +17,10 @@ clarity beats speed here. Headers are read raw and decoded as UTF-8 (RFC 6532
 allows it in reports about SMTPUTF8 mail), unfolded, but RFC 2047
 encoded-words are left as sent: the values are for matching (Message-ID,
 Return-Path, VERP addresses), and decoding could only lose information.
+Anyone can mail a report to a VERP address, and its fields end up in the
+database and in logs, so every value also loses its control characters (a
+NUL cannot be stored in PostgreSQL text at all) and is cut at
+:data:`MAX_VALUE` characters.
 
 What is *not* a report gives None: a person answering the bounce address,
 an auto-reply, a read receipt (``report-type=disposition-notification``) and a
@@ -37,7 +41,7 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from typing import Final
 
-__all__ = ["Arf", "Dsn", "DsnRecipient", "parse_report"]
+__all__ = ["MAX_VALUE", "Arf", "Dsn", "DsnRecipient", "parse_report"]
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -50,6 +54,11 @@ _REPLY_CODE: Final = re.compile(r"([2-5]\d\d)(?:[ -]|$)")
 _COMMENT: Final = re.compile(r"\([^()]*\)")
 _BLANK_LINE: Final = re.compile(rb"\n[ \t]*\n")
 _HEADER_PARSER: Final = BytesHeaderParser(policy=email.policy.compat32)
+#: C0 controls and DEL. TAB is left to the whitespace folding like any space.
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Longest field value kept, in characters. A multi-line SMTP reply quoted in a
+#: Diagnostic-Code fits with room to spare; a report is not a place for more.
+MAX_VALUE: Final = 2000
 
 
 def _first(headers: Headers, name: str) -> str | None:
@@ -140,9 +149,14 @@ class Arf(_Original):
 
 
 def _clean(value: str) -> str:
-    """A raw header value as text: bytes read as UTF-8, folding and runs of space removed."""
+    """A raw header value as text fit to store and log: UTF-8, one line, bounded.
+
+    Controls become spaces rather than vanish, so the words they separated
+    stay apart (``unknown\\0user`` is not ``unknownuser``); folding and runs
+    of space then collapse to single spaces.
+    """
     text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return " ".join(text.split())
+    return " ".join(_CONTROL.sub(" ", text).split())[:MAX_VALUE]
 
 
 def _headers(message: Message) -> Headers:

@@ -27,10 +27,28 @@ after_event_id``), with the ``NOT EXISTS`` answered by ``ix_events_message
 So the work costs what there is of inbound mail, not the size of the event
 log; callers still advance the cursor (see
 :class:`~postlane.delivery.bounce_processor.BounceProcessor`) past what is done.
+
+Failed attempts
+---------------
+A message whose processing transaction fails would otherwise stay on the
+work list for ever, ahead of everything after it. Each failure therefore
+leaves an ``inbound_failed`` event (data ``{"attempt": n, "error": ...}``),
+written in a transaction of its own after the failed one rolled back, and
+:func:`pending_inbound` reports how many there are and when the last was, so
+the processor can wait before retrying. The attempt that reaches the limit
+also writes the ``inbound_processed`` event, with the error as its outcome:
+the message leaves the work list and the log says why nothing was applied.
+Events again, counted through ``ix_events_message``: no migration needed.
+
+Text written here can come from a stranger's mail; PostgreSQL ``text``
+cannot hold NUL, so what goes into a text column or an error message is
+stripped of control characters and bounded here as well, whatever the caller
+already did.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,15 +67,22 @@ __all__ = [
     "claim_inbound",
     "mark_inbound_processed",
     "pending_inbound",
+    "printable",
     "recipients_by_id",
     "record_bounce",
     "record_event",
+    "record_inbound_failure",
 ]
 
 INBOUND: Final = "inbound"
 PROCESSED: Final = "inbound_processed"
+FAILED: Final = "inbound_failed"
 #: Bound parameters per ``IN (...)`` list; SQLite allows 32,766 per statement.
 _CHUNK: Final = 500
+#: Longest ``last_reply`` and error text kept: enough for a multi-line SMTP reply.
+MAX_TEXT: Final = 2000
+#: C0 controls but TAB, and DEL: NUL breaks PostgreSQL text, the rest breaks log lines.
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +92,8 @@ class InboundMessage:
     ``raw`` is None when retention already purged the message (its event
     outlives it); ``rcpt_to`` are the envelope recipients the SMTP server
     accepted, the most trustworthy place a VERP address can be.
+    ``failures`` counts the attempts that failed so far (``inbound_failed``
+    events), ``last_failure_at`` is when the latest did, so a retry can wait.
     """
 
     event_id: int
@@ -75,6 +102,8 @@ class InboundMessage:
     rcpt_to: tuple[str, ...]
     mail_from: str | None
     raw: bytes | None
+    failures: int = 0
+    last_failure_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,19 +122,23 @@ def pending_inbound(
 ) -> list[InboundMessage]:
     """Inbound messages whose ``inbound`` event (id > ``after_event_id``) is not processed.
 
-    Oldest first, at most ``limit``. Reading this is not claiming: another
-    processor may take the same rows, so write through :func:`claim_inbound`.
+    Oldest first, at most ``limit``; messages that failed before are listed
+    too (in id order, so the cursor can follow), with their failure count.
+    Reading this is not claiming: another processor may take the same rows,
+    so write through :func:`claim_inbound`.
     """
     after_event_id = _values.integer("after_event_id", after_event_id)
     if _values.integer("limit", limit) < 1:
         raise InvalidInput(f"limit must be positive, got {limit}")
     e = events.alias("e")
     p = events.alias("p")
+    f = events.alias("f")
     processed = (
         sa.select(sa.literal(1))
         .select_from(p)
         .where(p.c.message_id == e.c.message_id, p.c.id > e.c.id, p.c.type == PROCESSED)
     )
+    failed = f.c.message_id == e.c.message_id, f.c.id > e.c.id, f.c.type == FAILED
     query = (
         sa.select(
             e.c.id,
@@ -114,6 +147,15 @@ def pending_inbound(
             e.c.data,
             messages.c.mail_from,
             messages.c.raw,
+            sa.select(sa.func.count())
+            .select_from(f)
+            .where(*failed)
+            .scalar_subquery()
+            .label("failures"),
+            sa.select(sa.func.max(f.c.created_at))
+            .where(*failed)
+            .scalar_subquery()
+            .label("last_failure_at"),
         )
         .select_from(e.outerjoin(messages, messages.c.id == e.c.message_id))
         .where(e.c.id > after_event_id, e.c.type == INBOUND, ~sa.exists(processed))
@@ -128,6 +170,8 @@ def pending_inbound(
             rcpt_to=_addresses(row.data),
             mail_from=row.mail_from,
             raw=None if row.raw is None else bytes(row.raw),
+            failures=int(row.failures or 0),
+            last_failure_at=row.last_failure_at,
         )
         for row in conn.execute(query)
         if row.message_id is not None
@@ -170,6 +214,48 @@ def mark_inbound_processed(
     )
 
 
+def record_inbound_failure(
+    conn: Connection,
+    message: InboundMessage,
+    *,
+    now: datetime,
+    error: str,
+    max_attempts: int,
+) -> bool:
+    """Count a failed attempt at ``message``; True if that was the last one allowed.
+
+    Call in a new transaction after :func:`claim_inbound` (the failed one has
+    rolled back). The count is read here, under the claim's lock, not taken
+    from ``message``, so two processors failing at once still count two. The
+    last attempt also marks the message processed, ``{"matched": false,
+    "reason": "processing failed", "error": ..., "attempts": n}``, so it can
+    never hold up the work list again.
+    """
+    if _values.integer("max_attempts", max_attempts) < 1:
+        raise InvalidInput(f"max_attempts must be positive, got {max_attempts}")
+    text = printable(_values.text("error", error)) or "unknown error"
+    count = sa.select(sa.func.count()).where(
+        events.c.message_id == message.message_id,
+        events.c.id > message.event_id,
+        events.c.type == FAILED,
+    )
+    attempt = int(conn.execute(count).scalar_one()) + 1
+    record_event(
+        conn,
+        account_id=message.account_id,
+        message_id=message.message_id,
+        now=now,
+        recipient_id=None,
+        event_type=FAILED,
+        data={"attempt": attempt, "error": text},
+    )
+    if attempt < max_attempts:
+        return False
+    outcome = {"matched": False, "reason": "processing failed", "error": text, "attempts": attempt}
+    mark_inbound_processed(conn, message, now=now, data=outcome)
+    return True
+
+
 def recipients_by_id(conn: Connection, ids: Iterable[int]) -> dict[int, BounceRecipient]:
     """The recipient rows with these ids that still exist, by id (of any account)."""
     wanted = sorted({_values.integer("recipient id", i) for i in ids})
@@ -204,7 +290,7 @@ def record_bounce(
     _aware(now)
     event_data = _values.json_object("event data", data)
     diagnostic = event_data.get("diagnostic")
-    reply = " ".join(str(part) for part in (status_code, diagnostic) if part) or None
+    reply = printable(" ".join(str(part) for part in (status_code, diagnostic) if part)) or None
     r = recipients.c
     statement = (
         sa.update(recipients)
@@ -255,6 +341,16 @@ def record_event(
             data=_values.json_object("event data", data),
         )
     )
+
+
+def printable(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` fit for a text column and a log line: controls as spaces, at most ``limit``.
+
+    Spaces rather than nothing, so words a control character separated stay
+    apart; TAB is kept, it is harmless. Bounding keeps one hostile report
+    from storing megabytes per recipient row.
+    """
+    return _CONTROL.sub(" ", text).strip()[:limit]
 
 
 def _addresses(data: Any) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -140,11 +141,22 @@ def db(database_url: str) -> Iterator[Database]:
 
 
 @dataclass
+class Clock:
+    """The processor's clock, moved on by the tests that wait for a retry."""
+
+    now: datetime = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
 class World:
     db: Database
     account_id: int
     other_account_id: int
     processor: BounceProcessor
+    clock: Clock
 
     def send(self, address: str = "nobody@example.org", *, account_id: int | None = None) -> int:
         """A recipient row for ``address``, delivered; its id."""
@@ -238,8 +250,9 @@ def world(db: Database, tmp_path: Path) -> World:
         account = create_account(conn, "shop")
         other = create_account(conn, "other")
     settings = Settings(hostname="out.shop.example", data_dir=tmp_path)
-    processor = BounceProcessor(settings, db, MASTER, clock=lambda: NOW)
-    return World(db, account.id, other.id, processor)
+    clock = Clock()
+    processor = BounceProcessor(settings, db, MASTER, clock=clock)
+    return World(db, account.id, other.id, processor, clock)
 
 
 def address_for(recipient_id: int) -> str:
@@ -533,9 +546,134 @@ def test_a_failing_message_does_not_hold_up_the_others_and_is_retried(
     assert world.processed(failing) == []  # rolled back: no half-done message
     assert world.status(first) == "delivered"
 
+    (failure,) = world.events(message_id=failing, type="inbound_failed")
+    assert failure["data"] == {"attempt": 1, "error": "RuntimeError: database hiccup"}
+
     monkeypatch.setattr(inbound_store, "record_bounce", real)
+    assert world.processor.run_once() == 0  # the retry waits
+    world.clock.now += bounce_processor.RETRY_DELAY
     assert world.processor.run_once() == 1
     assert world.status(first) == world.status(second) == "bounced"
+    assert world.processed(failing)[0]["recipients"] == {str(first): "bounced"}
+
+
+def fail_for(
+    monkeypatch: pytest.MonkeyPatch, recipient_id: int, error: str = "database hiccup"
+) -> None:
+    """Make applying a bounce to ``recipient_id`` fail, as a database refusal would."""
+    real = inbound_store.record_bounce
+
+    def broken(conn: Any, rid: int, **kwargs: Any) -> bool:
+        if rid == recipient_id:
+            raise RuntimeError(error)
+        return real(conn, rid, **kwargs)
+
+    monkeypatch.setattr(inbound_store, "record_bounce", broken)
+
+
+def test_more_failing_messages_than_a_batch_do_not_stop_a_later_bounce(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attacker = world.send("attacker@example.org")
+    for _ in range(bounce_processor.BATCH + 1):
+        world.receive(dsn(attacker, "attacker@example.org"), address_for(attacker))
+    genuine = world.send("gone@example.org")
+    world.receive(dsn(genuine, "gone@example.org"), address_for(genuine))
+    fail_for(monkeypatch, attacker)
+
+    assert world.processor.run_once() == 1
+    assert world.status(genuine) == "bounced"
+    assert len(world.events(type="inbound_failed")) == bounce_processor.BATCH + 1
+
+    # While the failed ones wait for their retry, later reports still get through.
+    later = world.send("later@example.org")
+    world.receive(dsn(later, "later@example.org"), address_for(later))
+    assert world.processor.run_once() == 1
+    assert world.status(later) == "bounced"
+    assert world.status(attacker) == "delivered"
+    assert len(world.events(type="inbound_failed")) == bounce_processor.BATCH + 1
+
+
+def test_a_message_that_keeps_failing_is_given_up_after_max_attempts(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    recipient_id = world.send()
+    failing = world.receive(dsn(recipient_id), address_for(recipient_id))
+    fail_for(monkeypatch, recipient_id, "refused\x00\nSQL: secret parameters")
+    caplog.set_level(logging.INFO, logger="postlane.bounces")
+
+    for attempt in range(1, bounce_processor.MAX_ATTEMPTS):
+        assert world.processor.run_once() == 0
+        assert len(world.events(message_id=failing, type="inbound_failed")) == attempt
+        assert world.processed(failing) == []
+        wait = bounce_processor.RETRY_DELAY * 2 ** (attempt - 1)
+        world.clock.now += wait - timedelta(seconds=1)
+        assert world.processor.run_once() == 0  # not due yet: not tried
+        assert len(world.events(message_id=failing, type="inbound_failed")) == attempt
+        world.clock.now += timedelta(seconds=1)
+
+    assert world.processor.run_once() == 1  # the last attempt fails and gives up
+    error = "RuntimeError: refused"
+    assert world.processed(failing) == [
+        {
+            "matched": False,
+            "reason": "processing failed",
+            "error": error,
+            "attempts": bounce_processor.MAX_ATTEMPTS,
+        }
+    ]
+    failures = world.events(message_id=failing, type="inbound_failed")
+    assert [f["data"] for f in failures] == [
+        {"attempt": n, "error": error} for n in range(1, bounce_processor.MAX_ATTEMPTS + 1)
+    ]
+    assert world.status(recipient_id) == "delivered"
+    world.clock.now += timedelta(days=1)
+    assert world.processor.run_once() == 0  # off the work list for good
+    failed_lines = [r.getMessage() for r in caplog.records if "processing failed" in r.getMessage()]
+    assert len(failed_lines) == bounce_processor.MAX_ATTEMPTS
+    assert all(failing in line and error in line for line in failed_lines)
+    assert any("given up" in r.getMessage() for r in caplog.records)
+
+
+def test_a_nul_in_the_diagnostic_does_not_stop_the_bounce(world: World) -> None:
+    """PostgreSQL text cannot hold NUL: it is stripped on the way, not refused at commit."""
+    recipient_id = world.send("who@example.org")
+    raw = dsn(recipient_id, "who@example.org", status="5.7.1", text="Refused\x00by policy")
+    assert b"\x00" in raw
+    inbound = world.receive(raw, address_for(recipient_id))
+
+    assert world.processor.run_once() == 1
+
+    assert world.status(recipient_id) == "bounced"
+    diagnostic = "550 5.7.1 <who@example.org>: Refused by policy"
+    assert world.events(type="bounced")[0]["data"]["diagnostic"] == diagnostic
+    with world.db.connect() as conn:
+        query = sa.select(recipients.c.last_reply).where(recipients.c.id == recipient_id)
+        assert conn.execute(query).scalar_one() == f"5.7.1 {diagnostic}"
+        (entry,) = list_suppressions(conn, world.account_id)
+    assert (entry.reason, entry.detail) == ("returned", diagnostic)
+    assert world.processed(inbound)[0]["recipients"] == {str(recipient_id): "bounced"}
+
+
+def test_a_nul_in_a_complaint_does_not_stop_it(world: World) -> None:
+    recipient_id = world.send("user@mailbox-provider.example")
+    raw = crlf(
+        ARF.format(
+            verp=address_for(recipient_id),
+            address="user@mailbox-provider.example",
+            bounce_domain=BOUNCE_DOMAIN,
+            feedback_type="abuse\x00",
+        ).replace("SomeGenerator/1.0", "Some\x00Generator/1.0")
+    )
+    world.receive(raw, f"fbl@{BOUNCE_DOMAIN}")
+
+    assert world.processor.run_once() == 1
+
+    (complained,) = world.events(type="complained")
+    assert complained["data"]["user_agent"] == "Some Generator/1.0"
+    with world.db.connect() as conn:
+        (entry,) = list_suppressions(conn, world.account_id)
+    assert (entry.reason, entry.detail) == ("complaint", "Some Generator/1.0")
 
 
 def test_events_behind_the_cursor_are_found_by_the_lookback_or_the_rescan(world: World) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from postlane.delivery import verp
 from postlane.delivery.bounce_class import BounceKind, classify
-from postlane.delivery.dsn import Arf, Dsn, DsnRecipient, parse_report
+from postlane.delivery.dsn import MAX_VALUE, Arf, Dsn, DsnRecipient, parse_report
 
 KEY = b"verp-test-key-0123456789abcdef"
 VERP = verp.encode(4242, key=KEY, domain="bounce.example.com")
@@ -542,6 +542,38 @@ def test_a_dsn_without_recipients_is_not_a_report() -> None:
     assert parse_report(_status_report("")) is None
 
 
+def test_control_characters_in_dsn_fields_become_spaces() -> None:
+    """A NUL cannot be stored in PostgreSQL text: a report carrying one must not reach it."""
+    raw = (
+        sample(POSTFIX)
+        .replace(b"Status: 5.1.1\n", b"Status: 5.1.1\x00\n")
+        .replace(b"Remote-MTA: dns; mx.example.org\n", b"Remote-MTA: dns; mx.\x01example.org\n")
+        .replace(b"550 5.1.1 <nobody@example.org>: Recipient", b"550 5.1.1\x00<nob\x1body@\x7f>\tx")
+    )
+    report = parse_report(raw)
+    assert isinstance(report, Dsn)
+    (block,) = report.recipients
+    assert block.status == "5.1.1"
+    assert block.remote_mta == "mx. example.org"
+    assert block.diagnostic_code is not None
+    assert block.diagnostic_code.startswith("550 5.1.1 <nob ody@ > x address rejected")
+    assert block.reply_code == 550
+    for value in (block.diagnostic_code, block.remote_mta, report.reporting_mta):
+        assert value is not None
+        assert not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value), value
+
+
+def test_a_huge_field_is_cut() -> None:
+    long_text = b"x" * (3 * MAX_VALUE)
+    raw = sample(POSTFIX).replace(b"User unknown in virtual", long_text)
+    report = parse_report(raw)
+    assert isinstance(report, Dsn)
+    diagnostic = report.recipients[0].diagnostic_code
+    assert diagnostic is not None
+    assert MAX_VALUE - len("smtp; ") == len(diagnostic)  # the whole field was cut
+    assert diagnostic.startswith("550 5.1.1 <nobody@example.org>: Recipient address rejected: xx")
+
+
 def test_reports_are_frozen() -> None:
     report = parse_report(sample(POSTFIX))
     assert isinstance(report, Dsn)
@@ -564,6 +596,20 @@ def test_arf_complaint() -> None:
     assert report.arrival_date == "Sat, 1 Mar 2025 12:00:01 +0000"
     assert report.original_header("Message-ID") == "<abc126@shop.example.com>"
     assert verp.decode(report.original_mail_from, key=KEY) == 4242
+
+
+def test_control_characters_in_arf_fields_become_spaces() -> None:
+    raw = (
+        sample(ARF)
+        .replace(b"Feedback-Type: Abuse\n", b"Feedback-Type: Abuse\x00\n")
+        .replace(b"User-Agent: SomeGenerator/1.0", b"User-Agent: Some\x00Generator/1.0\x08")
+        .replace(b"Source-IP: 203.0.113.5", b"Source-IP: 203.0.113.5\x00")
+    )
+    report = parse_report(raw)
+    assert isinstance(report, Arf)
+    assert report.feedback_type == "abuse"
+    assert report.user_agent == "Some Generator/1.0"
+    assert report.source_ip == "203.0.113.5"
 
 
 def test_arf_with_several_recipients() -> None:

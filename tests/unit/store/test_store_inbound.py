@@ -15,9 +15,11 @@ from postlane.store.inbound import (
     claim_inbound,
     mark_inbound_processed,
     pending_inbound,
+    printable,
     recipients_by_id,
     record_bounce,
     record_event,
+    record_inbound_failure,
 )
 from postlane.store.intake import NewMessage, NewRecipient, insert_messages
 from postlane.store.schema import events, recipients
@@ -171,6 +173,64 @@ def test_record_bounce_overrides_delivered_once(db: Database, account: Account) 
         assert not record_bounce(conn, recipient["id"], now=later, status_code="5.1.1", data=data)
         assert not record_bounce(conn, 999_999, now=later, status_code=None, data={})
     assert [e["type"] for e in event_rows(db, "OUT1")] == ["accepted", "queued", "bounced"]
+
+
+def test_record_bounce_strips_controls_from_last_reply(db: Database, account: Account) -> None:
+    """PostgreSQL text cannot hold NUL; a reply from a stranger's report may carry one."""
+    write(db, outbound(account.id, "OUT1"))
+    recipient = recipient_row(db, "OUT1")
+    data = {"diagnostic": "550 user\x00unknown\r\n" + "x" * 5000}
+    with db.begin() as conn:
+        assert record_bounce(conn, recipient["id"], now=T0, status_code="5.1.1", data=data)
+    reply = recipient_row(db, "OUT1")["last_reply"]
+    assert reply.startswith("5.1.1 550 user unknown  xxx")
+    assert len(reply) == 2000
+
+
+def test_printable() -> None:
+    assert printable("a\x00b\x1b[31mc\x7f\td\n") == "a b [31mc \td"
+    assert printable("xyz" * 10, 4) == "xyzx"
+
+
+def test_failures_are_counted_and_the_last_allowed_one_gives_up(
+    db: Database, account: Account
+) -> None:
+    write(db, inbound(account.id, "IN1"), inbound(account.id, "IN2"))
+    with db.connect() as conn:
+        first, second = pending_inbound(conn, limit=10)
+    assert (first.failures, first.last_failure_at) == (0, None)
+    later = T0 + timedelta(minutes=3)
+    for n, now in ((1, T0), (2, later)):
+        with db.begin() as conn:
+            assert claim_inbound(conn, first)
+            assert not record_inbound_failure(
+                conn, first, now=now, error=f"boom {n}\x00", max_attempts=3
+            )
+    with db.connect() as conn:
+        listed = pending_inbound(conn, limit=10)
+    assert [(m.message_id, m.failures, m.last_failure_at) for m in listed] == [
+        ("IN1", 2, later),
+        ("IN2", 0, None),
+    ]
+    with db.begin() as conn:
+        assert claim_inbound(conn, first)
+        assert record_inbound_failure(conn, first, now=later, error="boom 3", max_attempts=3)
+    with db.connect() as conn:
+        assert [m.message_id for m in pending_inbound(conn, limit=10)] == ["IN2"]
+    with db.begin() as conn:
+        assert not claim_inbound(conn, first)
+    rows = event_rows(db, "IN1")
+    assert [(r["type"], r["data"]) for r in rows[1:]] == [
+        ("inbound_failed", {"attempt": 1, "error": "boom 1"}),
+        ("inbound_failed", {"attempt": 2, "error": "boom 2"}),
+        ("inbound_failed", {"attempt": 3, "error": "boom 3"}),
+        (
+            "inbound_processed",
+            {"matched": False, "reason": "processing failed", "error": "boom 3", "attempts": 3},
+        ),
+    ]
+    with db.begin() as conn, pytest.raises(InvalidInput):
+        record_inbound_failure(conn, second, now=T0, error="x", max_attempts=0)
 
 
 def test_record_bounce_takes_a_leased_row_from_its_worker(db: Database, account: Account) -> None:
