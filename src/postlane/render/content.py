@@ -52,6 +52,7 @@ __all__ = [
     "leaves",
     "message_bytes",
     "new_text_part",
+    "one_line",
     "parent_map",
     "parse_message",
     "read_text",
@@ -66,6 +67,13 @@ step did not set written back exactly as it came (no refolding)."""
 _MAX_LINE: Final = 998  # RFC 5322 section 2.1.1: a line MUST NOT be longer
 _BODY_SUBTYPES: Final = frozenset(("plain", "html"))
 _ASCII_NAMES: Final = frozenset(("ascii", "us-ascii"))
+# Every separator str.splitlines() knows: the email package refuses a header
+# value that splits into more than one line by that rule, not only CR and LF.
+_LINE_SEPARATORS: Final = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
+# Codecs Python files as text encodings that still cannot carry a body part:
+# "undefined" refuses all input, and the IDNA codecs, being for host names,
+# refuse the surrogateescape handler the round trip relies on.
+_UNFIT_CODECS: Final = frozenset(("undefined", "idna", "punycode"))
 
 
 def parse_message(message: bytes) -> EmailMessage:
@@ -79,6 +87,17 @@ def parse_message(message: bytes) -> EmailMessage:
 def message_bytes(message: EmailMessage) -> bytes:
     """``message`` serialised for SMTP: CRLF, unchanged headers as they came."""
     return message.as_bytes(policy=POLICY)
+
+
+def one_line(text: str) -> str:
+    """``text`` with each run of line separators made one space, fit to be a header value.
+
+    A value from outside (a recipient variable, a template's output, an HTML
+    <title>) may hold any of the separators :meth:`str.splitlines` knows; the
+    email package refuses such a header outright, and a CR or LF that got
+    through would start a new header field. A space keeps the words apart.
+    """
+    return _LINE_SEPARATORS.sub(" ", text)
 
 
 def header_section(message: bytes) -> HeaderSection:
@@ -174,12 +193,21 @@ def read_text(part: MIMEPart) -> str:
     (``surrogateescape``), so :func:`write_text` puts them back byte for byte:
     a body declared us-ascii that really holds UTF-8 survives unharmed. An
     unknown charset is read as ASCII the same way for the same reason.
+
+    Raises :class:`~postlane.errors.InvalidInput` when the bytes are not
+    text in the declared charset even so (an odd byte count in UTF-16, a
+    broken UTF-7 sequence): the handler can only carry bytes above 0x7F.
     """
     data = part.get_payload(decode=True)
     if not isinstance(data, bytes):  # only multiparts and attached messages decode to None
         raise TypeError(f"a {part.get_content_type()} part has no text")
-    codec = _codec(part.get_content_charset() or "us-ascii") or "ascii"
-    return data.decode(codec, "surrogateescape")
+    charset = part.get_content_charset() or "us-ascii"
+    try:
+        return data.decode(_codec(charset) or "ascii", "surrogateescape")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            f"a {part.get_content_type()} part is not valid {charset}: {exc.reason}"
+        ) from None
 
 
 def write_text(part: MIMEPart, text: str, charset: str | None = None) -> None:
@@ -224,11 +252,20 @@ def write_text(part: MIMEPart, text: str, charset: str | None = None) -> None:
 
 
 def _codec(charset: str) -> str | None:
-    """Python's codec name for a MIME charset, or None when Python does not know it."""
+    """Python's codec name for a MIME charset, or None when it names no usable text codec.
+
+    ``codecs.lookup`` also finds bytes-to-bytes and str-to-str codecs
+    (``hex``, ``base64``, ``zlib``, ``rot13``), which ``bytes.decode``
+    refuses with a LookupError: a charset parameter naming one is as
+    meaningless as an unknown name, and is treated the same way.
+    """
     try:
-        return codecs.lookup(charset).name
+        info = codecs.lookup(charset)
     except LookupError:
         return None
+    if not info._is_text_encoding or info.name in _UNFIT_CODECS:
+        return None
+    return info.name
 
 
 def _needs_encoding(data: bytes, *, eight_bit: bool) -> bool:
@@ -294,23 +331,37 @@ def _convert_to_utf8(tree: EmailMessage) -> bool:
     Attached text files are left as they are: they are files, and their bytes
     are what the sender attached. Parts without a charset are US-ASCII, which
     is UTF-8 already. A part in a charset Python does not know is left as it
-    is too: it cannot be decoded, and relabelling its bytes would garble it.
+    is too: it cannot be decoded, and relabelling its bytes would garble it;
+    so is a part whose bytes are not valid in its charset, for that reason.
     """
     changed = False
     for part in body_text_parts(tree):
         codec = _codec(part.get_content_charset() or "us-ascii")
         if codec is None or codec in ("utf-8", "ascii"):
             continue
-        text = read_text(part)
+        try:
+            text = read_text(part)
+        except InvalidInput:
+            continue
         if part.get_content_subtype() == "html":
-            text = _META_CHARSET.sub(r"\g<1>utf-8", text)
+            text = _META_TAG.sub(_meta_charset_to_utf8, text)
         write_text(part, text, "utf-8")
         changed = True
     return changed
 
 
-# charset=... inside a <meta> tag, both the HTML5 and the http-equiv form.
-_META_CHARSET: Final = re.compile(r"(<meta\b[^>]*?\bcharset\s*=\s*[\"']?)[\w.:-]+", re.IGNORECASE)
+# A <meta> tag up to its ">" (or the end of an unclosed one), and the
+# charset=... in it, both the HTML5 and the http-equiv form. Two patterns
+# rather than one "<meta[^>]*?charset": a single pattern fails slowly at
+# every "<meta" without a charset and is tried again from the next one,
+# quadratic in a page of unclosed tags, where each tag match here consumes
+# its text and the inner search only looks inside one tag.
+_META_TAG: Final = re.compile(r"<meta\b[^>]*", re.IGNORECASE)
+_META_CHARSET: Final = re.compile(r"(\bcharset\s*=\s*[\"']?)[\w.:-]+", re.IGNORECASE)
+
+
+def _meta_charset_to_utf8(tag: re.Match[str]) -> str:
+    return _META_CHARSET.sub(r"\g<1>utf-8", tag.group(0), count=1)
 
 
 def _first_body_part(tree: EmailMessage, subtype: str) -> MIMEPart | None:
@@ -387,7 +438,7 @@ def _subject_from_title(tree: EmailMessage) -> bool:
     source = _first_body_part(tree, "html")
     if source is None:
         return False
-    reader = _HtmlReader()
+    reader = _HtmlReader(limit=0)  # only the title is wanted: build no text
     reader.feed(read_text(source))
     reader.close()
     title = reader.title
@@ -443,6 +494,14 @@ _LINE_TAGS: Final = frozenset(("br", "dt", "tr", "caption"))
 _HIDDEN_TAGS: Final = frozenset(("head", "script", "style", "template", "title"))
 _SPACES: Final = re.compile(r"[ \t\n\r\f]+")  # HTML whitespace; a no-break space stays
 _LINK_SCHEMES_HIDDEN: Final = ("#", "javascript:")
+# Lists deeper than this are indented as this deep. Real mail nests lists a
+# few levels; without a cap N nested lists with N items cost N*N characters.
+_MAX_LIST_INDENT: Final = 10
+# The text made from a page is at most this many characters, or this many
+# times the page's length if more (see html_to_text), before _TRUNCATED.
+_TEXT_FLOOR: Final = 1 << 20
+_TEXT_FACTOR: Final = 2
+_TRUNCATED: Final = "[...]"
 
 
 class _HtmlReader(HTMLParser):
@@ -453,11 +512,17 @@ class _HtmlReader(HTMLParser):
     collapses except in <pre>, links read "text (url)" so a text-only reader
     can still follow them, images say their alt text. What a browser does not
     show (head, script, style) is dropped.
+
+    At most ``limit`` characters of text are made; what would come after is
+    dropped and :attr:`truncated` set, while the title is still read.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, limit: int) -> None:
         super().__init__(convert_charrefs=True)
         self.title = ""
+        self.truncated = False
+        self._limit = limit
+        self._size = 0  # characters in _out
         self._out: list[str] = []
         self._breaks = 0  # line breaks owed before the next text
         self._at_line_start = True
@@ -465,7 +530,7 @@ class _HtmlReader(HTMLParser):
         self._in_title = False
         self._title: list[str] = []
         self._pre = 0
-        self._links: list[tuple[str, int]] = []  # href, index into _out where its text starts
+        self._link: tuple[str, int] | None = None  # href, index into _out where its text starts
         self._lists: list[list[int]] = []  # per open list: [next number] or [] for bullets
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -498,7 +563,8 @@ class _HtmlReader(HTMLParser):
             if self._lists and self._lists[-1]:
                 marker = f"{self._lists[-1][0]}. "
                 self._lists[-1][0] += 1
-            self._emit("  " * max(len(self._lists) - 1, 0) + marker)
+            depth = min(len(self._lists), _MAX_LIST_INDENT)
+            self._emit("  " * max(depth - 1, 0) + marker)
         elif tag in ("td", "th"):
             if not self._at_line_start:
                 self._emit(" ")
@@ -507,7 +573,11 @@ class _HtmlReader(HTMLParser):
             if alt:
                 self._text(alt)
         elif tag == "a":
-            self._links.append((attributes.get("href", "").strip(), len(self._out)))
+            # Links do not nest: a browser ends an open link where the next
+            # begins (HTML's "adoption agency"). That also keeps each link's
+            # label apart from every other, so reading labels stays linear.
+            self._close_link()
+            self._link = (attributes.get("href", "").strip(), len(self._out))
 
     def handle_endtag(self, tag: str) -> None:
         if tag in _HIDDEN_TAGS:
@@ -529,8 +599,8 @@ class _HtmlReader(HTMLParser):
             self._break(2)
         elif tag in ("li", "tr"):
             self._break(1)
-        elif tag == "a" and self._links:
-            self._end_link(*self._links.pop())
+        elif tag == "a":
+            self._close_link()
 
     def handle_data(self, data: str) -> None:
         if self._in_title:
@@ -544,11 +614,18 @@ class _HtmlReader(HTMLParser):
 
     def close(self) -> None:
         super().close()
-        self.title = _SPACES.sub(" ", "".join(self._title)).strip()
+        # The title becomes a Subject: no separator of any kind may stay in it.
+        self.title = _SPACES.sub(" ", one_line("".join(self._title))).strip()
 
     def text(self) -> str:
-        """The text read so far: trailing spaces trimmed, at most one blank line in a row."""
+        """The text read so far: trailing spaces trimmed, at most one blank line in a row.
+
+        Text cut at the limit ends in a line of its own saying so, for a
+        reader to know there is more (in the HTML alternative).
+        """
         lines = [line.rstrip() for line in "".join(self._out).split("\n")]
+        if self.truncated:
+            lines += ["", _TRUNCATED]
         joined = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
         return joined + "\n" if joined else ""
 
@@ -561,14 +638,29 @@ class _HtmlReader(HTMLParser):
 
     def _emit(self, text: str) -> None:
         if self._breaks and self._out:
-            self._out.append("\n" * self._breaks)
+            self._append("\n" * self._breaks)
         self._breaks = 0
-        self._out.append(text)
+        self._append(text)
         self._at_line_start = text.endswith("\n")
+
+    def _append(self, text: str) -> None:
+        room = self._limit - self._size
+        if len(text) > room:
+            self.truncated = True
+            text = text[:room]
+        if text:
+            self._out.append(text)
+            self._size += len(text)
 
     def _break(self, lines: int) -> None:
         self._breaks = max(self._breaks, lines)
         self._at_line_start = True
+
+    def _close_link(self) -> None:
+        if self._link is not None:
+            href, start = self._link
+            self._link = None
+            self._end_link(href, start)
 
     def _end_link(self, href: str, start: int) -> None:
         if not href or href.lower().startswith(_LINK_SCHEMES_HIDDEN):
@@ -582,8 +674,17 @@ class _HtmlReader(HTMLParser):
 
 
 def html_to_text(markup: str) -> str:
-    """A plain-text rendering of an HTML body, for the text/plain alternative."""
-    reader = _HtmlReader()
+    """A plain-text rendering of an HTML body, for the text/plain alternative.
+
+    The text is cut, and says so in a last line "[...]", beyond 1 Mi
+    characters or twice the length of ``markup``, whichever is more. Text
+    made from a real page is shorter than the page, its tags being dropped;
+    only markup built to blow up (thousands of <hr>, list items with
+    list markers) comes near, and the cap keeps what one copy of a message
+    costs in proportion to the message. The floor leaves small pages,
+    whatever they hold, whole.
+    """
+    reader = _HtmlReader(limit=max(_TEXT_FLOOR, _TEXT_FACTOR * len(markup)))
     reader.feed(markup)
     reader.close()
     return reader.text()

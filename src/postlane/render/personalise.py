@@ -35,6 +35,7 @@ from typing import Any, Final
 from postlane.render.content import (
     body_text_parts,
     message_bytes,
+    one_line,
     parse_message,
     read_text,
     write_text,
@@ -45,7 +46,6 @@ __all__ = ["substitute_recipient_variables"]
 _MARK: Final = "%recipient"
 # Keys are JSON object keys, so anything but the closing % and whitespace.
 _PLACEHOLDER: Final = re.compile(r"%recipient(?:(?P<email>_email)|\.(?P<key>[^%\s]{1,256}))?%")
-_LINE_BREAKS: Final = re.compile(r"[\r\n]+")
 
 
 def substitute_recipient_variables(
@@ -101,7 +101,7 @@ def _substitute_subject(tree: EmailMessage, recipient: str, own: Mapping[str, An
     subject = tree.get("Subject")
     if subject is None or _MARK not in str(subject):
         return False
-    filled = _LINE_BREAKS.sub(" ", _fill(str(subject), recipient, own, escape=False))
+    filled = one_line(_fill(str(subject), recipient, own, escape=False))
     if filled == str(subject):
         return False
     tree.replace_header("Subject", filled)

@@ -25,10 +25,9 @@ built with the helpers every render step uses (:mod:`postlane.render.content`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from email.message import EmailMessage, MIMEPart
-from typing import Any, Final
+from typing import Any
 
 from postlane.options.model import SendOptions
 from postlane.render.content import (
@@ -37,14 +36,13 @@ from postlane.render.content import (
     leaves,
     message_bytes,
     new_text_part,
+    one_line,
     parse_message,
 )
 from postlane.render.templates import render_template
 from postlane.store.templates import Template
 
 __all__ = ["apply_template", "template_variables"]
-
-_LINE_BREAKS: Final = re.compile(r"[\r\n]+")
 
 
 def template_variables(options: SendOptions) -> dict[str, Any]:
@@ -78,8 +76,7 @@ def apply_template(message: bytes, template: Template, variables: Mapping[str, A
         if not _describes_body(field):
             result.set_raw(field, value)
     if subject is not None:
-        # A variable may hold a line break; in a header it would start a new field.
-        _set_subject(result, _LINE_BREAKS.sub(" ", subject))
+        _set_subject(result, subject)
     result["MIME-Version"] = "1.0"
     for field, value in body.raw_items():
         result.set_raw(field, value)
@@ -133,6 +130,8 @@ def _describes_body(field: str) -> bool:
 
 
 def _set_subject(message: EmailMessage, subject: str) -> None:
+    """A variable may hold a line break; in a header it would start a new field."""
+    subject = one_line(subject)
     if "Subject" in message:
         message.replace_header("Subject", subject)
     else:

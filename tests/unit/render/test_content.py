@@ -13,6 +13,7 @@ from postlane.options.model import SendOptions
 from postlane.render.content import (
     apply_content_options,
     html_to_text,
+    one_line,
     read_text,
     text_to_html,
     write_text,
@@ -129,12 +130,62 @@ def test_html_to_text_reads_like_a_plain_text_mail() -> None:
         ("<p>one</p><p></p><p></p><p>two</p>", "one\n\ntwo\n"),
         ("a<hr>b", "a\n\n----------------------------------------\n\nb\n"),
         ("<head><title>T</title><body>text", "text\n"),
+        (  # links do not nest: the next <a> ends the open one, as in a browser
+            '<a href="https://a.example/">one<a href="https://b.example/">two</a>',
+            "one (https://a.example/)two (https://b.example/)\n",
+        ),
         ("Fish &amp; chips &lt;3 &#169;", "Fish & chips <3 ©\n"),
         ("", ""),
     ],
 )
 def test_html_to_text_cases(markup: str, text: str) -> None:
     assert html_to_text(markup) == text
+
+
+def test_list_indentation_stops_at_ten_levels() -> None:
+    markup = "".join(f"<ul><li>{level}" for level in range(1, 13))
+    assert html_to_text(markup).splitlines() == [
+        *("  " * (level - 1) + f"- {level}" for level in range(1, 11)),
+        " " * 18 + "- 11",
+        " " * 18 + "- 12",
+    ]
+
+
+def test_text_of_deeply_nested_lists_grows_linearly() -> None:
+    # Indented by depth, n items at depth n made n*n characters (8 MB here).
+    n = 2000
+    lines = html_to_text("<ul>" * n + "<li>x" * n).splitlines()
+    assert lines == [" " * 18 + "- x"] * n
+
+
+@pytest.mark.timeout(60)
+def test_text_of_nested_unclosed_links_is_read_in_linear_time() -> None:
+    # Each </a> used to re-read the text of every link still open: minutes here.
+    n = 100_000
+    markup = '<a href="h">' * n + "x" + "</a>" * n
+    assert html_to_text(markup) == "h" * (n - 1) + "x (h)\n"
+
+
+def test_text_beyond_the_limit_is_cut_and_says_so() -> None:
+    # 40,000 rules of 40 dashes: 1.7 MB of text from 160 kB, over the 1 MiB floor.
+    text = html_to_text("<hr>" * 40_000)
+    assert text.endswith("-\n\n[...]\n")  # cut where the limit falls
+    assert 1_000_000 < len(text) <= (1 << 20) + len("\n\n[...]\n")
+    # Above the floor the limit is twice the page, which real text stays under.
+    page = "<p>" + "word " * 300_000 + "</p>"
+    assert html_to_text(page) == ("word " * 300_000).strip() + "\n"
+
+
+def test_cut_text_alternative_is_a_valid_part_beside_the_whole_html() -> None:
+    page = "<p>Terms</p>" + "<hr>" * 40_000
+    result = parse(
+        apply_content_options(html_message(page).as_bytes(), SendOptions(html_to_text=True))
+    )
+    plain, html = list(result.iter_parts())
+    assert isinstance(plain, EmailMessage) and isinstance(html, EmailMessage)
+    assert text_of(plain).startswith("Terms\n\n" + "-" * 40)
+    assert text_of(plain).endswith("\n\n[...]\n")
+    assert text_of(html) == page + "\n"
 
 
 def test_single_part_html_becomes_alternative_with_text_first() -> None:
@@ -242,6 +293,37 @@ def test_big5_base64_html_is_re_encoded_and_its_meta_charset_follows() -> None:
     assert text_of(result) == page.replace("charset=big5", "charset=utf-8")
 
 
+@pytest.mark.parametrize(
+    ("tags", "converted"),
+    [
+        ('<meta charset="iso-8859-1">', '<meta charset="utf-8">'),
+        ("<META CHARSET=latin1 >", "<META CHARSET=utf-8 >"),
+        (
+            '<meta name="x" content="a>b"><meta http-equiv=refresh content="; charset=latin1">',
+            '<meta name="x" content="a>b"><meta http-equiv=refresh content="; charset=utf-8">',
+        ),
+        ("<meta charset=''><metadata charset=latin1><p>charset=latin1</p>", None),
+        ("<meta a=1 charset=latin1 charset=latin1>", "<meta a=1 charset=utf-8 charset=latin1>"),
+    ],
+)
+def test_meta_charset_is_relabelled_in_each_meta_tag_only(tags: str, converted: str | None) -> None:
+    message = html_message(f"<html><head>{tags}</head><body>café</body></html>\n")
+    message.set_content(message.get_content(), subtype="html", charset="iso-8859-1")
+    result = parse(apply_content_options(message.as_bytes(), SendOptions(convert_to_utf8=True)))
+    assert text_of(result) == f"<html><head>{converted or tags}</head><body>café</body></html>\n"
+
+
+@pytest.mark.timeout(60)
+def test_meta_charset_in_a_page_of_unclosed_meta_tags_takes_linear_time() -> None:
+    # Searched with "<meta[^>]*?charset", each "<meta" re-read the rest: minutes here.
+    page = "<meta " * 100_000 + '><meta charset="iso-8859-1">é\n'
+    message = html_message()
+    message.set_content(page, subtype="html", charset="iso-8859-1")
+    result = parse(apply_content_options(message.as_bytes(), SendOptions(convert_to_utf8=True)))
+    assert result.get_content_charset() == "utf-8"
+    assert text_of(result) == page.replace("iso-8859-1", "utf-8")
+
+
 def test_attached_text_files_keep_their_charset() -> None:
     message = text_message("body\n", charset="iso-8859-1", cte="quoted-printable")
     message.add_attachment(
@@ -264,6 +346,30 @@ def test_part_in_an_unknown_charset_is_not_relabelled() -> None:
     assert apply_content_options(raw, SendOptions(convert_to_utf8=True)) is raw
 
 
+@pytest.mark.parametrize("charset", ["hex", "base64", "rot13", "zlib", "undefined", "idna"])
+def test_charset_naming_a_codec_for_no_body_text_is_an_unknown_charset(charset: str) -> None:
+    raw = (
+        f"From: a@example.com\r\nContent-Type: text/plain; charset={charset}\r\n".encode()
+        + b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xe9 %x%\r\n"
+    )
+    assert apply_content_options(raw, SendOptions(convert_to_utf8=True)) is raw
+    target = part(b"caf\xe9 %x%\r\n", f"text/plain; charset={charset}", "8bit")
+    write_text(target, read_text(target).replace("%x%", "ok"))
+    assert target.as_bytes(policy=email.policy.SMTP).endswith(b"\r\n\r\ncaf\xe9 ok\r\n")
+    with pytest.raises(InvalidInput, match="unknown charset"):
+        write_text(target, "Zoë")
+
+
+def test_text_not_valid_in_its_charset_is_invalid_input_and_not_converted() -> None:
+    raw = (
+        b"From: a@example.com\r\nContent-Type: text/plain; charset=utf-16-le\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\nYQBi\r\n"  # "a\0b": an odd byte count
+    )
+    assert apply_content_options(raw, SendOptions(convert_to_utf8=True)) is raw
+    with pytest.raises(InvalidInput, match="not valid utf-16-le"):
+        read_text(part(b"YQBi\r\n", "text/plain; charset=utf-16-le", "base64"))
+
+
 # subject_from_html_title (2048) --------------------------------------------------
 
 
@@ -283,6 +389,26 @@ def test_title_whitespace_is_collapsed_and_a_missing_subject_is_added() -> None:
         apply_content_options(message.as_bytes(), SendOptions(subject_from_html_title=True))
     )
     assert result["Subject"] == "Spring sale"
+
+
+@pytest.mark.parametrize(
+    "separator", ["\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+)
+def test_any_line_separator_in_the_title_becomes_a_space(separator: str) -> None:
+    page = f"<title>Sale{separator}now {separator} on</title><p>x</p>"
+    result = parse(
+        apply_content_options(
+            html_message(page).as_bytes(), SendOptions(subject_from_html_title=True)
+        )
+    )
+    assert result["Subject"] == "Sale now on"
+
+
+def test_one_line_replaces_each_run_of_line_separators_by_a_space() -> None:
+    separators = "\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+    assert len(separators.splitlines(keepends=True)) == len(separators) - 1  # CRLF is one
+    assert one_line(f"a{separators}b\rc\nd\te\x00f") == "a b c d\te\x00f"
+    assert one_line("no break") == "no break"
 
 
 @pytest.mark.parametrize("page", ["<p>no title</p>", "<title>   </title><p>x</p>"])

@@ -8,6 +8,8 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any
 
+import pytest
+
 from postlane.options.model import SendOptions
 from postlane.render.personalise import substitute_recipient_variables
 
@@ -201,6 +203,26 @@ def test_line_breaks_in_a_value_cannot_add_header_fields() -> None:
     parsed = parse(copy)
     assert parsed["Bcc"] is None
     assert parsed["Subject"] == "Hello Ann Bcc: victim@example.net"
+
+
+@pytest.mark.parametrize(
+    "separator", ["\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+)
+def test_any_line_separator_in_a_value_becomes_a_space_in_the_subject(separator: str) -> None:
+    values = {"ann@example.org": {"first": f"Ann{separator}Bcc: victim@example.net"}}
+    parsed = parse(substitute_recipient_variables(batch(), "ann@example.org", values))
+    assert parsed["Bcc"] is None
+    assert parsed["Subject"] == "Hello Ann Bcc: victim@example.net"
+
+
+@pytest.mark.parametrize("charset", ["hex", "rot13", "undefined"])
+def test_part_in_a_charset_naming_no_text_codec_is_filled_in_as_ascii(charset: str) -> None:
+    data = batch(text="Dear %recipient.first%,\n").replace(
+        b'charset="utf-8"', f"charset={charset}".encode()
+    )
+    assert f"charset={charset}".encode() in data
+    copy = substitute_recipient_variables(data, "ann@example.org", VARIABLES)
+    assert b"\r\n\r\nDear Ann,\r\n" in copy
 
 
 def test_attachments_and_attached_messages_are_left_alone() -> None:
