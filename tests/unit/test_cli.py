@@ -156,7 +156,7 @@ def test_config_show_masks_relay_passwords(run: Run, tmp_path: Path) -> None:
 
 
 def test_db_upgrade_reports_revision(run: Run) -> None:
-    assert "database at revision 0003" in ok(run("db", "upgrade"))
+    assert "database at revision 0004" in ok(run("db", "upgrade"))
 
 
 def test_every_command_has_help_with_example(

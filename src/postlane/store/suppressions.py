@@ -34,11 +34,29 @@ within a group the first entry stays (its detail is the earlier evidence).
 The rule is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE``, so two
 writers racing for one address still end with the stronger reason.
 
-Addresses compare case-insensitively, the domain *and* the local part: they
-are stored lower-cased (Python's full Unicode ``str.lower``, not SQLite's
-ASCII-only ``lower()``) and looked up lower-cased. RFC 5321 lets a server
-treat ``Bob@`` and ``bob@`` as different mailboxes, but none of note does,
-and for a suppression list the safe mistake is to not send.
+**Addresses are compared in one canonical form** (:func:`fold`), because one
+mailbox has several spellings and an entry that misses one of them sends mail
+the list was meant to stop; for a suppression list the safe mistake is to not
+send. Addresses are stored in that form and every lookup folds what it is
+given, so all spellings meet on one row:
+
+- the local part is lower-cased (Python's full Unicode ``str.lower``, not
+  SQLite's ASCII-only ``lower()``). RFC 5321 lets a server treat ``Bob@`` and
+  ``bob@`` as different mailboxes, but none of note does;
+- the domain is lower-cased and loses its trailing dots: ``example.com.`` is
+  the absolute spelling of ``example.com`` (RFC 1035 §3.1), the same host;
+- an internationalised domain takes its A-label form (``bücher.example`` ->
+  ``xn--bcher-kva.example``), the name the DNS and the delivery worker use, so
+  the U-label and the A-label spellings of one mailbox are one entry. The
+  conversion is Python's ``idna`` codec, the one the resolver and intake use,
+  so a domain folds here as it resolves there. A domain it cannot convert
+  (an empty or over-long label, a character IDNA prohibits) keeps its
+  lower-cased form rather than raising: such a domain receives no mail
+  anyway, and the queue sweep that lists addresses must not fail on one.
+
+Folding an already folded address changes nothing, so a key can be folded
+again (callers often pass on what :func:`normalise` returned). Migration 0004
+rewrote the rows stored before the domain was canonicalised.
 """
 
 from __future__ import annotations
@@ -46,6 +64,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -72,7 +91,7 @@ _CHUNK = 500
 class Suppression:
     id: int
     account_id: int
-    #: Lower-cased.
+    #: In the form :func:`fold` gives.
     address: str
     #: Which list: one of :data:`REASONS` (or an older, unchecked reason).
     reason: str
@@ -183,8 +202,8 @@ def check_reason(reason: Any) -> str:
 def listed(conn: Connection, account_id: int, addresses: Sequence[str]) -> dict[str, str]:
     """Those of ``addresses`` (as given) that are on any of the account's lists, with the reason.
 
-    In any case. One query per 500 distinct addresses: delivery asks once
-    per account per batch.
+    In any spelling :func:`fold` makes one. One query per 500 distinct
+    addresses: delivery asks once per account per batch.
     """
     _values.integer("account_id", account_id)
     if isinstance(addresses, str):
@@ -201,7 +220,7 @@ def listed(conn: Connection, account_id: int, addresses: Sequence[str]) -> dict[
 
 
 def is_suppressed(conn: Connection, account_id: int, addresses: Sequence[str]) -> set[str]:
-    """Those of ``addresses`` (as given) on the account's suppression list, in any case.
+    """Those of ``addresses`` (as given) on the account's suppression list, in any spelling.
 
     Only the always-applied reasons: an address on an optional list is
     mailed unless the message asks for that list (use :func:`listed`).
@@ -238,7 +257,7 @@ def list_suppressions(
 
 
 def normalise(address: str) -> str:
-    """The form addresses are stored and compared in: lower-cased, whole."""
+    """The form addresses are stored in (:func:`fold`), after checking it is one."""
     text = _values.text("address", address)
     if not is_address(text):
         raise InvalidInput(f"address must look like local@domain, got {address!r}")
@@ -252,12 +271,34 @@ def is_address(text: str) -> bool:
     skip what cannot be listed rather than fail.
     """
     local, at, domain = text.rpartition("@")
-    return bool(local and at and domain) and text == text.strip() and text.isprintable()
+    # A domain of dots only would fold to nothing.
+    return bool(local and at and domain.strip(".")) and text == text.strip() and text.isprintable()
 
 
 def fold(address: str) -> str:
-    """The key addresses are compared by: lower-cased (full Unicode), nothing else changed."""
-    return address.lower()
+    """The key addresses are compared by; the rule is in the module docstring.
+
+    Never raises, for any text: lookups fold whatever delivery hands them.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address.lower()
+    return f"{local.lower()}@{_fold_domain(domain)}"
+
+
+@lru_cache(maxsize=4096)
+def _fold_domain(domain: str) -> str:
+    """Cached because one batch folds each recipient several times and IDNA is slow."""
+    # Dots are stripped before the conversion (which refuses "name..", and a
+    # refused name must still lose them) and after it (which turns U+3002 and
+    # its kin into dots), so that folding twice changes nothing.
+    name = domain.lower().rstrip(".")
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii").rstrip(".")
+    except UnicodeError:
+        return name
 
 
 def _suppression(row: sa.Row[Any]) -> Suppression:

@@ -1,10 +1,12 @@
-"""Address lists: reasons, precedence, case-insensitive lookups, removal, listing."""
+"""Address lists: reasons, precedence, lookups in any spelling, removal, listing."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from postlane.errors import InvalidInput, NotFound
 from postlane.store import Account, Database, create_account
@@ -17,6 +19,8 @@ from postlane.store.suppressions import (
     Suppression,
     add_suppression,
     add_suppressions,
+    fold,
+    is_address,
     is_suppressed,
     list_suppressions,
     listed,
@@ -275,3 +279,89 @@ def test_list_one_reason(db: Database, account: Account) -> None:
         assert list_suppressions(conn, account.id, reason="complaint") == []
         with pytest.raises(InvalidInput, match="must be one of"):
             list_suppressions(conn, account.id, reason="spam")
+
+
+# -- one mailbox, several spellings ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stored", "asked"),
+    [
+        ("user@bücher.example", "user@xn--bcher-kva.example"),
+        ("user@xn--bcher-kva.example", "user@bücher.example"),
+        ("user@BÜCHER.Example", "user@XN--BCHER-KVA.EXAMPLE"),
+        ("user@example.com.", "user@example.com"),
+        ("user@example.com", "user@Example.COM."),
+        ("user@bücher.example.", "user@xn--bcher-kva.example"),
+        ("user@bücher。example", "user@bücher.example"),  # U+3002, an IDNA label separator
+    ],
+)
+def test_every_spelling_of_a_domain_finds_the_entry(
+    db: Database, account: Account, stored: str, asked: str
+) -> None:
+    with db.begin() as conn:
+        assert add_suppression(conn, account.id, stored, "hard_bounce", now=T0)
+        assert not add_suppression(conn, account.id, asked, "manual", now=T0)
+    with db.connect() as conn:
+        assert is_suppressed(conn, account.id, [asked]) == {asked}
+        assert listed(conn, account.id, [asked, stored]) == {
+            asked: "hard_bounce",
+            stored: "hard_bounce",
+        }
+        (only,) = list_suppressions(conn, account.id)
+    assert only.address == fold(asked) == fold(stored)
+    with db.begin() as conn:
+        assert remove_suppression(conn, account.id, asked)
+    with db.connect() as conn:
+        assert list_suppressions(conn, account.id) == []
+
+
+@pytest.mark.parametrize(
+    ("address", "folded"),
+    [
+        ("Bob@Example.ORG", "bob@example.org"),
+        ("ÉLODIE@bücher.example", "élodie@xn--bcher-kva.example"),
+        ("user@example.com.", "user@example.com"),
+        ("user@example.com..", "user@example.com"),
+        ("user@Straße.de", "user@strasse.de"),  # IDNA 2003, as the resolver converts it
+        ("no-at-sign", "no-at-sign"),
+        ('"a@b"@Example.org', '"a@b"@example.org'),
+    ],
+)
+def test_fold(address: str, folded: str) -> None:
+    assert fold(address) == folded
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "ü" + "a" * 70 + ".example",  # a label too long
+        "ü..example",  # an empty label
+        "\u05d0ü1.example",  # breaks the bidi rule
+        "\ud800.example",  # a lone surrogate
+    ],
+)
+def test_a_domain_idna_cannot_convert_is_only_lower_cased(domain: str) -> None:
+    assert fold(f"User@{domain.upper()}.") == f"user@{domain}"
+
+
+def test_an_unconvertible_domain_is_still_listed_and_found(db: Database, account: Account) -> None:
+    address = "user@ü..example"
+    with db.begin() as conn:
+        assert add_suppression(conn, account.id, address, "manual", now=T0)
+    with db.connect() as conn:
+        assert is_suppressed(conn, account.id, ["USER@Ü..EXAMPLE."]) == {"USER@Ü..EXAMPLE."}
+
+
+@given(st.text())
+def test_fold_never_raises_and_folding_twice_changes_nothing(text: str) -> None:
+    once = fold(text)
+    assert fold(once) == once
+
+
+def test_a_domain_of_dots_only_is_no_address(db: Database, account: Account) -> None:
+    assert not is_address("user@.")
+    assert not is_address("user@..")
+    assert is_address("user@example.com.")
+    with pytest.raises(InvalidInput, match="address"), db.begin() as conn:
+        add_suppression(conn, account.id, "user@.", "manual", now=T0)
