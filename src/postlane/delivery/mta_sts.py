@@ -33,6 +33,9 @@ Decisions where the RFC leaves room, and why:
 - After a failed fetch, the same policy id is not fetched again for five
   minutes (the §3.3 recommendation), so a broken policy host is not asked
   once per message.
+- The cache holds at most ``max_domains`` entries (see :class:`MtaStsCache`
+  for which go first): recipient domains are chosen by whoever sends, so an
+  unbounded cache is memory anyone can fill.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ import re
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from postlane.delivery.resolver import Resolver, to_ascii
 from postlane.delivery.routing import DnsFailure
@@ -57,6 +61,7 @@ from postlane.errors import InvalidInput, PostlaneError
 __all__ = [
     "FETCH_RETRY",
     "FETCH_TIMEOUT",
+    "MAX_DOMAINS",
     "MAX_MAX_AGE",
     "MAX_POLICY_SIZE",
     "HttpsPolicyFetcher",
@@ -82,6 +87,7 @@ MAX_MAX_AGE: Final = 31_557_600  # RFC 8461 §3.2: one year
 MAX_POLICY_SIZE: Final = 64 * 1024  # RFC 8461 §3.3: senders SHOULD accept at least 64 KB
 FETCH_TIMEOUT: Final = 60.0  # RFC 8461 §3.3: a timeout SHOULD be at least one minute
 FETCH_RETRY: Final = 300.0  # RFC 8461 §3.3: wait five minutes or more per id after a failure
+MAX_DOMAINS: Final = 10_000  # MTA-STS cache entries: a few MB at most
 POLICY_PATH: Final = "/.well-known/mta-sts.txt"
 HTTPS_PORT: Final = 443
 
@@ -483,6 +489,12 @@ class _Cached:
     expires: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    sts_id: str
+    retry_at: float
+
+
 class MtaStsCache:
     """The current MTA-STS policy of each recipient domain (RFC 8461 §5.1).
 
@@ -494,6 +506,28 @@ class MtaStsCache:
     new id whose policy cannot be fetched — otherwise an attacker who blocks
     DNS or HTTPS would switch MTA-STS off. Only a successful fetch of a new
     policy (mode ``none`` to retire it) or the end of ``max_age`` replaces it.
+
+    **The bound.** A domain without an ``_mta-sts`` record leaves nothing
+    here, but every policy fetched and every failed fetch used to stay until
+    its domain was mailed again, so for ever for a domain mailed once. Now
+    at most ``max_domains`` entries are kept, expired ones dropped first.
+    Evicting a policy early is allowed (§5.1 says keep it *up to* max_age)
+    and usually costs one refetch, but not always: an evicted ``enforce``
+    policy is lost to an attacker who then blocks its refetch, exactly the
+    downgrade the cache exists to prevent. So entries go in order of what
+    losing them costs, least recently used first within each kind:
+
+    1. failed-fetch markers: losing one only lets the policy host be asked
+       again before five minutes are up;
+    2. policies in mode ``testing`` or ``none``: they enforce nothing, so a
+       blocked refetch takes away only the reports of mode ``testing``;
+    3. policies in mode ``enforce``, evicted only when the cache holds
+       nothing else.
+
+    Senders choose the recipient domains, so a flood of domains that fail
+    or publish no enforcing policy churns kinds 1 and 2 and never pushes an
+    ``enforce`` policy out. Using an entry makes it the most recent of its
+    kind.
 
     ``fetch`` replaces the HTTPS fetch entirely (tests of the cache logic);
     otherwise an :class:`HttpsPolicyFetcher` is built from ``https_context``,
@@ -511,10 +545,13 @@ class MtaStsCache:
         https_internal: bool = False,
         timeout: float = FETCH_TIMEOUT,
         retry_after: float = FETCH_RETRY,
+        max_domains: int = MAX_DOMAINS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if fetch is not None and (https_context is not None or https_port != HTTPS_PORT):
             raise ValueError("give either fetch or https_context/https_port, not both")
+        if max_domains < 1:
+            raise InvalidInput(f"max_domains must be at least 1, got {max_domains}")
         self._resolver = resolver
         self._fetch: PolicyFetch = fetch or HttpsPolicyFetcher(
             resolver,
@@ -524,10 +561,22 @@ class MtaStsCache:
             internal=https_internal,
         )
         self._retry_after = retry_after
+        self._max_domains = max_domains
         self._clock = clock
-        self._policies: dict[str, _Cached] = {}
-        self._failed: dict[tuple[str, str], float] = {}
+        # Each in least recently used order; eviction empties them in this order.
+        self._failed: OrderedDict[str, _Failed] = OrderedDict()
+        self._lenient: OrderedDict[str, _Cached] = OrderedDict()
+        self._enforced: OrderedDict[str, _Cached] = OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Task[Policy | None]] = {}
+
+    @property
+    def size(self) -> int:
+        """Entries held: cached policies and failed-fetch markers.
+
+        Not ``__len__``: an empty cache would then be false, and ``cache or
+        MtaStsCache(...)`` would quietly drop one handed in.
+        """
+        return len(self._failed) + len(self._lenient) + len(self._enforced)
 
     async def policy(self, domain: str) -> Policy | None:
         """The policy to apply to mail for ``domain`` now, or None if it has none."""
@@ -555,20 +604,49 @@ class MtaStsCache:
         return entry.policy if entry is not None else None
 
     def _entry(self, name: str) -> _Cached | None:
-        entry = self._policies.get(name)
-        if entry is not None and entry.expires <= self._clock():
-            del self._policies[name]
-            return None
-        return entry
+        for kind in (self._enforced, self._lenient):
+            entry = kind.get(name)
+            if entry is None:
+                continue
+            if entry.expires <= self._clock():
+                del kind[name]
+                return None
+            kind.move_to_end(name)
+            return entry
+        return None
+
+    def _keep(self, name: str, entry: _Cached) -> None:
+        self._lenient.pop(name, None)
+        self._enforced.pop(name, None)
+        self._failed.pop(name, None)  # the fetch that succeeded is the newest word
+        kind = self._enforced if entry.policy.mode == "enforce" else self._lenient
+        kind[name] = entry
+        self._make_room()
+
+    def _make_room(self) -> None:
+        """Evict down to the bound: expired entries, then by kind, least recently used first."""
+        if self.size <= self._max_domains:
+            return
+        now = self._clock()
+        for name in [n for n, f in self._failed.items() if f.retry_at <= now]:
+            del self._failed[name]
+        for policies in (self._lenient, self._enforced):
+            for name in [n for n, e in policies.items() if e.expires <= now]:
+                del policies[name]
+        kinds: tuple[OrderedDict[str, Any], ...] = (self._failed, self._lenient, self._enforced)
+        for kind in kinds:
+            while kind and self.size > self._max_domains:
+                kind.popitem(last=False)
 
     async def _refresh(self, name: str, sts_id: str) -> Policy | None:
         """The policy with id ``sts_id``, fetched once however many deliveries wait for it."""
         key = (name, sts_id)
-        retry_at = self._failed.get(key)
-        if retry_at is not None:
-            if retry_at > self._clock():
+        failed = self._failed.get(name)
+        if failed is not None and failed.sts_id == sts_id:
+            if failed.retry_at > self._clock():
+                self._failed.move_to_end(name)
                 return None
-            del self._failed[key]
+            del self._failed[name]
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(self._fetch_policy(name, sts_id))
@@ -581,11 +659,15 @@ class MtaStsCache:
             policy = parse_policy(await self._fetch(name))
         except (PolicyFetchError, InvalidInput, OSError) as exc:
             log.warning("MTA-STS policy of %s (id %s) not usable: %s", name, sts_id, exc)
-            self._failed[(name, sts_id)] = self._clock() + self._retry_after
+            self._failed.pop(name, None)
+            self._failed[name] = _Failed(sts_id, self._clock() + self._retry_after)
+            self._make_room()
             return None
         log.info("MTA-STS policy of %s: id %s, mode %s", name, sts_id, policy.mode)
         if policy.max_age > 0:
-            self._policies[name] = _Cached(sts_id, policy, self._clock() + policy.max_age)
-        else:
-            self._policies.pop(name, None)  # valid for this delivery only
+            self._keep(name, _Cached(sts_id, policy, self._clock() + policy.max_age))
+        else:  # valid for this delivery only
+            self._lenient.pop(name, None)
+            self._enforced.pop(name, None)
+            self._failed.pop(name, None)
         return policy

@@ -719,3 +719,113 @@ def test_idn_domains_use_a_labels(dns: DnsServer, resolver: Resolver) -> None:
     cache = MtaStsCache(resolver, fetch=fetch)
     assert run(cache.policy("Bücher.test")) == parse_policy(POLICY)
     assert asked == ["xn--bcher-kva.test"]
+
+
+# --- the bound on the cache ---------------------------------------------------------------
+
+
+class Policies:
+    """An injected fetch serving each domain's policy in its mode; a blocked domain fails."""
+
+    def __init__(self, dns: DnsServer) -> None:
+        self.dns = dns
+        self.policies: dict[str, str] = {}
+        self.blocked: set[str] = set()
+        self.calls: list[str] = []
+
+    def publish(self, domain: str, mode: str = "enforce", max_age: int = 86400) -> str:
+        self.dns.set(f"_mta-sts.{domain}", "TXT", ["v=STSv1; id=1"])
+        self.policies[domain] = POLICY.replace("enforce", mode).replace("86400", str(max_age))
+        return domain
+
+    async def __call__(self, domain: str) -> str:
+        self.calls.append(domain)
+        if domain in self.blocked or domain not in self.policies:
+            raise PolicyFetchError(f"mta-sts.{domain} blocked")
+        return self.policies[domain]
+
+
+def cached(cache: MtaStsCache, policies: Policies, domains: list[str]) -> list[str]:
+    """Which of ``domains`` still have their policy when every fetch is blocked."""
+    policies.blocked.update(domains)
+    return [domain for domain in domains if run(cache.policy(domain)) is not None]
+
+
+def test_the_cache_stays_at_its_bound(dns: DnsServer, resolver: Resolver, clock: FakeClock) -> None:
+    policies = Policies(dns)
+    domains = [policies.publish(f"d{i}.test") for i in range(6)]
+    cache = MtaStsCache(resolver, fetch=policies, clock=clock, max_domains=3)
+    assert cache.size == 0
+    assert cache  # still true: the worker takes "mta_sts or MtaStsCache(...)"
+    for domain in domains:
+        assert run(cache.policy(domain)) is not None
+        assert cache.size <= 3
+    assert cache.size == 3
+    assert cached(cache, policies, domains) == domains[3:]  # the least recently used went
+    assert cache.size == 3
+
+
+def test_failed_fetches_are_evicted_before_any_policy(
+    dns: DnsServer, resolver: Resolver, clock: FakeClock
+) -> None:
+    policies = Policies(dns)
+    kept = [policies.publish("strict.test"), policies.publish("lax.test", "none")]
+    failing = [f"f{i}.test" for i in range(4)]
+    for domain in failing:
+        dns.set(f"_mta-sts.{domain}", "TXT", ["v=STSv1; id=1"])
+    cache = MtaStsCache(resolver, fetch=policies, clock=clock, max_domains=2)
+    for domain in [*kept, *failing]:
+        run(cache.policy(domain))
+    assert cache.size == 2
+    assert run(cache.policy("f0.test")) is None
+    assert policies.calls.count("f0.test") == 2  # its failure was forgotten, not a policy
+    assert cached(cache, policies, kept) == kept
+
+
+def test_an_enforce_policy_outlives_policies_that_enforce_nothing(
+    dns: DnsServer, resolver: Resolver, clock: FakeClock
+) -> None:
+    policies = Policies(dns)
+    domains = [
+        policies.publish("old-enforce.test"),
+        policies.publish("testing.test", "testing"),
+        policies.publish("none.test", "none"),
+        policies.publish("new-enforce.test"),
+    ]
+    cache = MtaStsCache(resolver, fetch=policies, clock=clock, max_domains=2)
+    for domain in domains:
+        run(cache.policy(domain))
+    assert cached(cache, policies, domains) == ["old-enforce.test", "new-enforce.test"]
+
+
+def test_a_used_entry_is_kept_over_an_unused_one(
+    dns: DnsServer, resolver: Resolver, clock: FakeClock
+) -> None:
+    policies = Policies(dns)
+    first, second, third = (policies.publish(f"{n}.test") for n in ("one", "two", "three"))
+    cache = MtaStsCache(resolver, fetch=policies, clock=clock, max_domains=2)
+    run(cache.policy(first))
+    run(cache.policy(second))
+    run(cache.policy(first))  # from the cache: no fetch, but now the most recent
+    assert policies.calls == [first, second]
+    run(cache.policy(third))
+    assert cached(cache, policies, [first, second, third]) == [first, third]
+
+
+def test_expired_policies_are_evicted_before_live_ones(
+    dns: DnsServer, resolver: Resolver, clock: FakeClock
+) -> None:
+    policies = Policies(dns)
+    lasting = policies.publish("lasting.test")
+    brief = policies.publish("brief.test", max_age=60)
+    cache = MtaStsCache(resolver, fetch=policies, clock=clock, max_domains=2)
+    run(cache.policy(lasting))
+    run(cache.policy(brief))
+    clock.advance(61)
+    run(cache.policy(policies.publish("late.test")))
+    assert cached(cache, policies, [lasting, "late.test"]) == [lasting, "late.test"]
+
+
+def test_the_bound_must_allow_an_entry(resolver: Resolver) -> None:
+    with pytest.raises(InvalidInput, match="max_domains must be at least 1, got 0"):
+        MtaStsCache(resolver, fetch=lambda _: asyncio.sleep(0, ""), max_domains=0)
