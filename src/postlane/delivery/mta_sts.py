@@ -36,22 +36,37 @@ Decisions where the RFC leaves room, and why:
 - The cache holds at most ``max_domains`` entries (see :class:`MtaStsCache`
   for which go first): recipient domains are chosen by whoever sends, so an
   unbounded cache is memory anyone can fill.
+- A policy keeps its first ``MAX_MX_PATTERNS`` (100) distinct ``mx``
+  patterns. RFC 8461 sets no limit, but a 64 KiB policy holds thousands, and
+  checking each route host against each pattern ran on the event loop
+  (4,756 patterns by 2,800 hosts: 3.2 s). Cutting rather than rejecting the
+  policy errs on the safe side: a host matched only by a dropped pattern is
+  not used under ``enforce`` (with no host left the mail is deferred, never
+  sent in the clear), where a rejected policy would switch MTA-STS off. Patterns are looked up by
+  set, so a check costs the same whatever their number.
+- Policy fetches run in threads of their own, at most ``FETCH_CONCURRENCY``
+  (4) at once (see :class:`HttpsPolicyFetcher`), never in asyncio's default
+  executor, which the worker's database calls share: policy hosts that
+  accept a connection and then say nothing held every thread of it for the
+  whole fetch timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.client
 import ipaddress
 import logging
 import re
 import socket
 import ssl
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from postlane.delivery.resolver import Resolver, to_ascii
@@ -59,16 +74,19 @@ from postlane.delivery.routing import DnsFailure
 from postlane.errors import InvalidInput, PostlaneError
 
 __all__ = [
+    "FETCH_CONCURRENCY",
     "FETCH_RETRY",
     "FETCH_TIMEOUT",
     "MAX_DOMAINS",
     "MAX_MAX_AGE",
+    "MAX_MX_PATTERNS",
     "MAX_POLICY_SIZE",
     "HttpsPolicyFetcher",
     "Mode",
     "MtaStsCache",
     "Policy",
     "PolicyFetch",
+    "PolicyFetchBusy",
     "PolicyFetchError",
     "StsResult",
     "enforce",
@@ -88,6 +106,8 @@ MAX_POLICY_SIZE: Final = 64 * 1024  # RFC 8461 §3.3: senders SHOULD accept at l
 FETCH_TIMEOUT: Final = 60.0  # RFC 8461 §3.3: a timeout SHOULD be at least one minute
 FETCH_RETRY: Final = 300.0  # RFC 8461 §3.3: wait five minutes or more per id after a failure
 MAX_DOMAINS: Final = 10_000  # MTA-STS cache entries: a few MB at most
+MAX_MX_PATTERNS: Final = 100  # mx patterns kept per policy; RFC 8461 sets no limit
+FETCH_CONCURRENCY: Final = 4  # policy fetches (threads) at once, per fetcher
 POLICY_PATH: Final = "/.well-known/mta-sts.txt"
 HTTPS_PORT: Final = 443
 
@@ -111,12 +131,24 @@ class Policy:
     ``mx`` holds the allowed MX patterns, lower-case: host names, or
     ``*.<domain>`` for any host exactly one label below ``<domain>``.
     ``max_age`` is how long, in seconds, the policy may be cached.
+
+    The patterns are also kept as two sets, exact names and the domains under
+    a wildcard, so that :func:`mx_matches` costs the same for any number of
+    patterns instead of one comparison each.
     """
 
     version: str
     mode: Mode
     mx: tuple[str, ...]
     max_age: int
+    _exact: frozenset[str] = field(init=False, repr=False, compare=False)
+    _wildcard: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        wildcard = frozenset(p[2:] for p in self.mx if p.startswith("*."))
+        exact = frozenset(p for p in self.mx if not p.startswith("*."))
+        object.__setattr__(self, "_exact", exact)
+        object.__setattr__(self, "_wildcard", wildcard)
 
 
 def _mx_pattern(value: str) -> str:
@@ -174,7 +206,8 @@ def parse_policy(text: str) -> Policy:
     if not mx and mode != "none":
         raise InvalidInput(f"MTA-STS policy: mode {mode} needs at least one 'mx' field")
     max_age = min(int(fields["max_age"]), MAX_MAX_AGE)
-    return Policy(VERSION, mode, tuple(dict.fromkeys(mx)), max_age)
+    patterns = tuple(dict.fromkeys(mx))[:MAX_MX_PATTERNS]  # module docstring: why a cut
+    return Policy(VERSION, mode, patterns, max_age)
 
 
 def parse_sts_record(text: str) -> str:
@@ -232,15 +265,10 @@ def mx_matches(policy: Policy, mx_host: str) -> bool:
         host = to_ascii(mx_host)
     except UnicodeError:
         return False
-    for pattern in policy.mx:
-        if pattern.startswith("*."):
-            suffix = pattern[1:]
-            label = host[: -len(suffix)]
-            if host.endswith(suffix) and label and "." not in label:
-                return True
-        elif host == pattern:
-            return True
-    return False
+    if host in policy._exact:
+        return True
+    label, dot, parent = host.partition(".")
+    return bool(label and dot and parent in policy._wildcard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,10 +320,11 @@ def enforce(policy: Policy | None, mx_hosts: Sequence[str]) -> StsResult:
     hosts = tuple(mx_hosts)
     if policy is None or policy.mode == "none":
         return StsResult(mode=None if policy is None else "none", hosts=hosts)
-    violations = tuple(host for host in hosts if not mx_matches(policy, host))
+    matches = [mx_matches(policy, host) for host in hosts]
+    violations = tuple(host for host, ok in zip(hosts, matches, strict=True) if not ok)
     if policy.mode == "testing":
         return StsResult(mode="testing", hosts=hosts, violations=violations)
-    allowed = tuple(host for host in hosts if host not in violations)
+    allowed = tuple(host for host, ok in zip(hosts, matches, strict=True) if ok)
     return StsResult(mode="enforce", hosts=allowed, violations=violations, require_tls=True)
 
 
@@ -304,6 +333,14 @@ def enforce(policy: Policy | None, mx_hosts: Sequence[str]) -> StsResult:
 
 class PolicyFetchError(PostlaneError):
     """The policy could not be fetched; the message says why, for the logs."""
+
+
+class PolicyFetchBusy(PolicyFetchError):
+    """Not fetched: every fetch slot stayed taken for the whole fetch timeout.
+
+    Not the policy host's fault, so the cache does not hold it against the
+    domain (no five-minute wait): the next delivery asks again.
+    """
 
 
 PolicyFetch = Callable[[str], Awaitable[str]]
@@ -404,8 +441,27 @@ class HttpsPolicyFetcher:
     one accepts a connection. The certificate must be valid for the host
     under ``context`` (default: the system's trusted roots); tests pass a
     context trusting their own CA and a ``port`` where their server listens.
-    The blocking ``http.client`` exchange runs in a worker thread; at the
-    ``timeout`` (for the whole fetch) its socket is shut down.
+    The blocking ``http.client`` exchange runs in a thread; at the ``timeout``
+    (for the whole fetch), or when the fetch is cancelled, its socket is shut
+    down.
+
+    **Threads.** Each fetch gets a daemon thread of its own, and at most
+    ``concurrency`` fetches run at once; the rest wait, within the same
+    ``timeout``. Not asyncio's default executor: the worker's database calls
+    share it, and policy hosts that accept a connection and say nothing held
+    all of its threads for the whole timeout. Not a pool either: its threads
+    would outlive the worker unless something shut it down, and nothing owns
+    this fetcher's lifetime (a cache can be handed to the worker). A thread
+    ends with its fetch; a cancelled fetch's socket is shut down at once, and
+    only a connect still in progress runs on, to its timeout at most.
+
+    **Busy.** A fetch still waiting for a slot at its timeout raises
+    :class:`PolicyFetchBusy`. Waiting keeps an ``enforce`` policy from being
+    skipped because a burst of other domains' fetches came first; the bound
+    keeps anyone from stalling every other domain's delivery indefinitely
+    with slow policy hosts. Past it, the domain is treated as having no
+    policy fetched yet, which RFC 8461 §3.3 and §5 make mail without MTA-STS
+    (a cached policy still applies: the cache keeps it).
 
     The host is named by whoever controls the recipient's domain, so any
     sender could otherwise make Postlane open connections (a TLS hello with
@@ -425,8 +481,12 @@ class HttpsPolicyFetcher:
         timeout: float = FETCH_TIMEOUT,
         max_size: int = MAX_POLICY_SIZE,
         internal: bool = False,
+        concurrency: int = FETCH_CONCURRENCY,
     ) -> None:
+        if concurrency < 1:
+            raise InvalidInput(f"MTA-STS fetch concurrency must be at least 1, got {concurrency}")
         self._resolver = resolver
+        self._slots = asyncio.Semaphore(concurrency)
         self._internal = internal
         self._context = context if context is not None else ssl.create_default_context()
         if self._context.verify_mode != ssl.CERT_REQUIRED or not self._context.check_hostname:
@@ -450,6 +510,21 @@ class HttpsPolicyFetcher:
             addresses = public
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise PolicyFetchBusy(
+                f"https://{host}{POLICY_PATH}: not fetched, no fetch slot free within "
+                f"{self._timeout:g} s"
+            ) from None
+        try:
+            return await self._get(host, addresses, deadline)
+        finally:
+            self._slots.release()
+
+    async def _get(self, host: str, addresses: Sequence[str], deadline: float) -> str:
+        loop = asyncio.get_running_loop()
         unreachable: list[str] = []
         for address in addresses:
             connection = _Connection()
@@ -458,25 +533,54 @@ class HttpsPolicyFetcher:
                 break
             try:
                 return await asyncio.wait_for(
-                    asyncio.to_thread(
-                        connection.get,
-                        host,
-                        address,
-                        self._port,
-                        self._context,
-                        remaining,
-                        self._max_size,
+                    _in_thread(
+                        functools.partial(
+                            connection.get,
+                            host,
+                            address,
+                            self._port,
+                            self._context,
+                            remaining,
+                            self._max_size,
+                        )
                     ),
                     timeout=remaining,
                 )
             except ConnectionError as exc:
                 unreachable.append(str(exc))
             except TimeoutError:
-                connection.abort()
                 raise PolicyFetchError(
                     f"https://{host}{POLICY_PATH}: timed out after {self._timeout:g} s"
                 ) from None
+            finally:
+                connection.abort()  # frees a thread still blocked in it; harmless once done
         raise PolicyFetchError(f"{host} unreachable: " + "; ".join(unreachable or ["timed out"]))
+
+
+async def _in_thread(call: Callable[[], str]) -> str:
+    """``call()`` in a daemon thread of its own (see :class:`HttpsPolicyFetcher`: why)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def settle(result: str, error: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits for it any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        result, error = "", None
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the awaiting coroutine, whatever it is
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed while this ran
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="mta-sts-fetch", daemon=True).start()
+    return await future
 
 
 # --- the cache ------------------------------------------------------------------------
@@ -657,6 +761,9 @@ class MtaStsCache:
     async def _fetch_policy(self, name: str, sts_id: str) -> Policy | None:
         try:
             policy = parse_policy(await self._fetch(name))
+        except PolicyFetchBusy as exc:  # no failure marker: the next delivery asks again
+            log.warning("MTA-STS policy of %s (id %s) not fetched yet: %s", name, sts_id, exc)
+            return None
         except (PolicyFetchError, InvalidInput, OSError) as exc:
             log.warning("MTA-STS policy of %s (id %s) not usable: %s", name, sts_id, exc)
             self._failed.pop(name, None)

@@ -24,6 +24,15 @@ records themselves, not the conclusions drawn from them, so hosts of equal MX
 preference are shuffled afresh on every :meth:`Resolver.route` call, as RFC
 5321 §5.1 intends.
 
+``MAX_ENTRIES`` bounds how many answers are kept, but not how large each is:
+one answer, retried over TCP when truncated, can hold thousands of records
+(a 64 KB answer of 2,800 MX records cost about 1.2 MB cached), and whoever
+controls a recipient's domain chooses it. So at most ``MAX_RECORDS`` records
+of an answer are kept. MX records are sorted by preference before the cut, so
+the hosts a route would try first are never the ones dropped; a route uses at
+most :data:`~postlane.delivery.routing.MAX_MX_HOSTS` of them anyway, and the
+worker at most five addresses.
+
 Names are looked up in their ASCII form: an internationalised domain is
 converted to A-labels with Python's ``idna`` codec (IDNA 2003), the same
 conversion intake and the tenant checks use, so a domain compares equal
@@ -48,6 +57,7 @@ import dns.nameserver
 import dns.rdata
 import dns.rdatatype
 import dns.resolver
+from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.TXT import TXT
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
@@ -65,6 +75,7 @@ from postlane.errors import ConfigError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "MAX_RECORDS",
     "MAX_TTL",
     "NEGATIVE_TTL",
     "Resolver",
@@ -77,6 +88,7 @@ DEFAULT_TIMEOUT: Final = 5.0  # seconds for one lookup, all retries included
 MAX_TTL: Final = 3600.0  # no answer is kept longer than this, whatever its TTL
 NEGATIVE_TTL: Final = 60.0  # for a negative answer that carries no SOA
 MAX_ENTRIES: Final = 100_000  # a bound on memory; far above one node's working set
+MAX_RECORDS: Final = 100  # records kept per answer (module docstring)
 _TRY_TIMEOUT: Final = 2.0  # one UDP try; a lost packet is retried within the lifetime
 _EDNS_PAYLOAD: Final = 1232  # the DNS Flag Day 2020 size: no IP fragmentation
 _HOST_UNROUTABLE: Final = "5.4.4"
@@ -121,6 +133,19 @@ def _responses(exc: dns.exception.DNSException) -> list[dns.message.Message]:
     one = exc.kwargs.get("response")
     found = [m for m in many.values() if isinstance(m, dns.message.Message)]
     return [*found, one] if isinstance(one, dns.message.Message) else found
+
+
+def _bounded(records: Iterable[dns.rdata.Rdata]) -> tuple[dns.rdata.Rdata, ...]:
+    """At most ``MAX_RECORDS`` of ``records``; MX records are sorted first so the cut
+    drops the least preferred hosts, never the ones a route would try.
+
+    The sort is stable: records of equal preference keep the server's order,
+    and :func:`~postlane.delivery.routing.order_mx` shuffles them later.
+    """
+    kept = list(records)
+    if any(isinstance(rdata, MX) for rdata in kept):
+        kept.sort(key=lambda rdata: rdata.preference if isinstance(rdata, MX) else 0)
+    return tuple(kept[:MAX_RECORDS])
 
 
 def _negative_ttl(responses: Iterable[dns.message.Message], default: float) -> float:
@@ -326,7 +351,7 @@ class Resolver:
             log.debug("DNS %s %s: %s", name, rdtype.name, failure.reason)
             return failure  # never cached: the next attempt asks again
         else:
-            answer = tuple(result.rrset) if result.rrset is not None else ()
+            answer = _bounded(result.rrset) if result.rrset is not None else ()
             ttl = float(result.chaining_result.minimum_ttl)
         self._store(key, answer, ttl)
         return answer

@@ -15,6 +15,12 @@ The rules, and where they come from:
   of the domain's DNS, not a reason to guess.
 - DNS errors: a domain that does not exist is permanent (``5.1.2``); a server
   that fails or a lookup that times out is temporary (``4.4.3``) and retried.
+- A route keeps at most ``MAX_MX_HOSTS`` (10) hosts, the best by preference.
+  Whoever controls the recipient's DNS chooses the MX list, and one answer
+  (retried over TCP when truncated) can name thousands of hosts: each tried
+  host costs lookups and connections (up to ``connect_timeout`` each) made on
+  behalf of that domain. No RFC sets a limit; the worker further stops after
+  Postfix's numbers of addresses and sessions (see ``worker._connect``).
 
 Everything here is pure: the worker does the lookups and passes the records
 (and a seeded ``random.Random``) in, so every rule is tested without a network.
@@ -37,6 +43,7 @@ from postlane.errors import InvalidInput
 
 __all__ = [
     "DEFAULT_DNS_PORT",
+    "MAX_MX_HOSTS",
     "DnsFailure",
     "MxHost",
     "NullMx",
@@ -49,6 +56,7 @@ __all__ = [
 ]
 
 DEFAULT_DNS_PORT: Final = 53
+MAX_MX_HOSTS: Final = 10  # hosts kept per route, best preference first (module docstring)
 _MAX_PREFERENCE: Final = 0xFFFF  # MX PREFERENCE is a 16-bit field (RFC 1035 §3.3.9)
 _MAX_PORT: Final = 0xFFFF
 _NAMESERVER_EXAMPLES: Final = "like 127.0.0.1, 127.0.0.1:5353 or [::1]:53"
@@ -172,7 +180,9 @@ def routes_for(
     :class:`NullMx` when the domain published ``0 .`` and a permanent
     :class:`DnsFailure` (``5.4.4``, unable to route) otherwise. A null MX next
     to real MX records breaks RFC 7505 §3; the real records are used then, as
-    OpenSMTPD does, because that is the more likely intent.
+    OpenSMTPD does, because that is the more likely intent. Only the best
+    ``MAX_MX_HOSTS`` hosts are kept, after ordering, so a cut through a group of
+    equal preference keeps a random part of it.
     """
     name = _normalise(domain)
     if not name:
@@ -202,7 +212,13 @@ def routes_for(
     if usable:
         if null_mx:
             ignored.append("MX 0 . (null MX) ignored: RFC 7505 §3 forbids it beside other MX")
-        return Route(name, tuple(order_mx(usable, rng=rng)), ignored=tuple(ignored))
+        hosts = order_mx(usable, rng=rng)
+        if len(hosts) > MAX_MX_HOSTS:
+            ignored.append(
+                f"{len(hosts) - MAX_MX_HOSTS} least preferred MX hosts left out: "
+                f"a route keeps at most {MAX_MX_HOSTS}"
+            )
+        return Route(name, tuple(hosts[:MAX_MX_HOSTS]), ignored=tuple(ignored))
     if null_mx:
         return NullMx(name)
     return DnsFailure(

@@ -31,10 +31,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dnsserver import DnsServer
 from postlane.delivery.mta_sts import (
+    FETCH_CONCURRENCY,
     MAX_MAX_AGE,
+    MAX_MX_PATTERNS,
     HttpsPolicyFetcher,
     MtaStsCache,
     Policy,
+    PolicyFetchBusy,
     PolicyFetchError,
     StsResult,
     enforce,
@@ -829,3 +832,120 @@ def test_expired_policies_are_evicted_before_live_ones(
 def test_the_bound_must_allow_an_entry(resolver: Resolver) -> None:
     with pytest.raises(InvalidInput, match="max_domains must be at least 1, got 0"):
         MtaStsCache(resolver, fetch=lambda _: asyncio.sleep(0, ""), max_domains=0)
+
+
+# --- bounds: patterns per policy, fetches at once ------------------------------------------
+
+
+def test_a_policy_keeps_its_first_100_mx_patterns() -> None:
+    """RFC 8461 sets no limit; 64 KiB of patterns made enforce() block the loop for seconds."""
+    lines = [f"mx: mx{i}.example.test" for i in range(5000)]
+    text = "version: STSv1\nmode: enforce\nmax_age: 86400\n" + "\n".join(lines) + "\n"
+    policy = parse_policy(text)
+    assert len(policy.mx) == MAX_MX_PATTERNS == 100
+    assert policy.mx[-1] == "mx99.example.test"
+    result = enforce(policy, ["mx99.example.test", "mx100.example.test", "mx4999.example.test"])
+    # a host named only by a dropped pattern is refused, not let through in the clear
+    assert result.hosts == ("mx99.example.test",)
+    assert result.violations == ("mx100.example.test", "mx4999.example.test")
+
+
+def test_enforce_over_thousands_of_patterns_matches_exact_and_wildcard_names() -> None:
+    exact = tuple(f"mx{i}.exact.test" for i in range(3000))
+    wildcards = tuple(f"*.q{i}.wild.test" for i in range(3000))
+    policy = Policy("STSv1", "enforce", exact + wildcards, 86400)
+    hosts = [
+        "mx2999.exact.test",
+        "MX0.Exact.Test.",
+        "mx3000.exact.test",
+        "a.q2999.wild.test",
+        "q2999.wild.test",
+        "a.b.q2999.wild.test",
+        "a.q3000.wild.test",
+        "x.mx5.exact.test",
+    ]
+    result = enforce(policy, hosts)
+    assert result.hosts == ("mx2999.exact.test", "MX0.Exact.Test.", "a.q2999.wild.test")
+    assert result.violations == (
+        "mx3000.exact.test",
+        "q2999.wild.test",
+        "a.b.q2999.wild.test",
+        "a.q3000.wild.test",
+        "x.mx5.exact.test",
+    )
+
+
+def test_policy_fetches_run_in_threads_of_their_own_a_few_at_a_time(
+    resolver: Resolver, client_context: ssl.SSLContext
+) -> None:
+    """Silent policy hosts held asyncio's default threads, which the database calls need."""
+    held: list[asyncio.StreamWriter] = []
+    release = asyncio.Event()
+    all_slots_taken = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts, then says nothing
+        if len(held) >= FETCH_CONCURRENCY:
+            all_slots_taken.set()
+        await release.wait()
+        writer.close()
+
+    def fetch_threads() -> list[threading.Thread]:
+        return [thread for thread in threading.enumerate() if thread.name == "mta-sts-fetch"]
+
+    def join(threads: list[threading.Thread]) -> None:
+        for thread in threads:
+            thread.join(timeout=5)
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        fetch = HttpsPolicyFetcher(
+            resolver, context=client_context, port=port, timeout=10.0, internal=True
+        )
+        # more fetches than asyncio's default executor has threads (at most 32)
+        tasks = [asyncio.ensure_future(fetch("example.test")) for _ in range(40)]
+        try:
+            async with asyncio.timeout(5):  # a guard against hanging, not a measurement
+                await all_slots_taken.wait()
+            await asyncio.sleep(0.3)  # time for any more to connect, had they been allowed
+            assert len(held) == FETCH_CONCURRENCY
+            assert len(fetch_threads()) == FETCH_CONCURRENCY
+            await asyncio.to_thread(lambda: None)  # stands for the worker's database call
+            assert not any(task.done() for task in tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            release.set()
+            server.close()
+            await server.wait_closed()
+        threads = fetch_threads()
+        await asyncio.to_thread(join, threads)  # cancelled fetches shut their sockets down
+        assert not any(thread.is_alive() for thread in threads)
+
+    run(scenario())
+
+
+def test_a_fetch_that_found_no_free_slot_is_asked_again_at_once(
+    resolver: Resolver, clock: FakeClock
+) -> None:
+    """No five-minute wait: the policy host did nothing wrong."""
+    calls: list[str] = []
+
+    async def fetch(domain: str) -> str:
+        calls.append(domain)
+        if len(calls) == 1:
+            raise PolicyFetchBusy("no fetch slot free within 60 s")
+        return POLICY
+
+    cache = MtaStsCache(resolver, fetch=fetch, clock=clock)
+    assert run(cache.policy("example.test")) is None
+    assert cache.size == 0
+    assert run(cache.policy("example.test")) == parse_policy(POLICY)
+    assert calls == ["example.test", "example.test"]
+
+
+def test_fetch_concurrency_must_allow_a_fetch(resolver: Resolver) -> None:
+    with pytest.raises(InvalidInput, match="at least 1"):
+        HttpsPolicyFetcher(resolver, concurrency=0)

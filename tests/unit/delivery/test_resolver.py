@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 import pytest
 from dns.asyncresolver import Resolver as DnsPythonResolver
 from dns.nameserver import Do53Nameserver
+from dns.rdatatype import RdataType
 from dns.resolver import BaseResolver, NoResolverConfiguration
 
 from dnsserver import DnsServer
-from postlane.delivery.resolver import Resolver, to_ascii
+from postlane.delivery.resolver import MAX_RECORDS, Resolver, to_ascii
 from postlane.delivery.routing import DnsFailure, MxHost, NullMx, Route, routes_for
 from postlane.errors import ConfigError, InvalidInput
 
@@ -393,3 +394,34 @@ def test_clear_cache(resolver: Resolver, dns: DnsServer) -> None:
     resolver.clear_cache()
     run(resolver.route("example.test"))
     assert dns.count("example.test", "MX") == 2
+
+
+# --- the bound on an answer's records -----------------------------------------------------
+
+
+def cached_records(resolver: Resolver, name: str, rdtype: RdataType) -> int:
+    entry = resolver._cache[(name, int(rdtype))]
+    assert isinstance(entry.answer, tuple)
+    return len(entry.answer)
+
+
+def test_a_large_mx_answer_is_cut_to_its_most_preferred_records(
+    resolver: Resolver, dns: DnsServer
+) -> None:
+    """One answer (over TCP) can hold thousands of records; MAX_ENTRIES counts answers only."""
+    # The server lists the best hosts last: a cut before sorting would lose them.
+    dns.set("many.test", "MX", [f"{1000 - i} mx{i}.many.test" for i in range(300)])
+    route = run(resolver.route("many.test"))
+    assert isinstance(route, Route)
+    assert route.hosts == tuple(f"mx{i}.many.test" for i in range(299, 289, -1))
+    assert cached_records(resolver, "many.test", RdataType.MX) == MAX_RECORDS == 100
+
+
+def test_a_large_address_answer_is_cut(resolver: Resolver, dns: DnsServer) -> None:
+    everything = [f"192.0.2.{i}" for i in range(1, 201)] + [f"198.51.100.{i}" for i in range(100)]
+    dns.set("wide.test", "A", everything)
+    found = run(resolver.addresses("wide.test"))
+    assert isinstance(found, list)
+    assert len(found) == MAX_RECORDS
+    assert set(found) <= set(everything)
+    assert cached_records(resolver, "wide.test", RdataType.A) == MAX_RECORDS

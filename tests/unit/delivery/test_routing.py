@@ -10,6 +10,7 @@ import dns.resolver
 import pytest
 
 from postlane.delivery.routing import (
+    MAX_MX_HOSTS,
     DnsFailure,
     MxHost,
     NullMx,
@@ -293,3 +294,27 @@ def test_bad_nameservers_say_why(text: str, why: str) -> None:
     assert why in message
     assert message.startswith(f"invalid nameserver {text!r}: ")
     assert "[::1]:53" in message  # every message shows a valid example
+
+
+# --- the bound on a route's hosts -------------------------------------------------------
+
+
+def test_a_route_keeps_the_ten_most_preferred_of_300_hosts() -> None:
+    """Whoever runs the domain's DNS chose the list: each host is lookups and connections."""
+    records = [MxHost(1000 - i, f"mx{i}.example") for i in range(300)]  # best ones last
+    random.Random(3).shuffle(records)
+    route = routes_for("example", records, rng=rng())
+    assert isinstance(route, Route)
+    assert MAX_MX_HOSTS == 10
+    assert route.hosts == tuple(f"mx{i}.example" for i in range(299, 289, -1))
+    assert route.ignored == ("290 least preferred MX hosts left out: a route keeps at most 10",)
+
+
+def test_the_cut_through_an_equal_preference_group_keeps_the_better_group_whole() -> None:
+    records = [MxHost(20, f"b{i}.example") for i in range(50)]
+    records += [MxHost(10, f"a{i}.example") for i in range(4)]
+    route = routes_for("example", records, rng=rng())
+    assert isinstance(route, Route)
+    assert len(route.hosts) == 10
+    assert set(route.hosts[:4]) == {f"a{i}.example" for i in range(4)}
+    assert all(host.startswith("b") for host in route.hosts[4:])
