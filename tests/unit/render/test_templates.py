@@ -8,7 +8,7 @@ import pytest
 
 from postlane.errors import InvalidInput
 from postlane.options.model import SendOptions
-from postlane.render import templates
+from postlane.render import template_sandbox, templates
 from postlane.render.templates import check_template, render_template
 
 
@@ -166,7 +166,7 @@ def test_work_that_writes_nothing_is_stopped(source: str) -> None:
 
 
 def test_the_step_budget_is_per_render(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(templates, "MAX_STEPS", 50)
+    monkeypatch.setattr(template_sandbox, "MAX_STEPS", 50)
     source = "{% for i in items %}{{ i }}{% endfor %}"
     for _ in range(3):  # each render starts afresh
         assert render_template(source, {"items": list(range(40))}, html=False).endswith("39")
