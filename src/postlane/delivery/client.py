@@ -36,19 +36,54 @@ means for the mail. A connection lost *during* a transaction is not raised
 from ``send()``: its :class:`TransactionResult` says so per recipient
 (``451 4.4.2``, or the server's ``421``), because replies that did arrive,
 like a 550 for one recipient, are real answers worth keeping.
+
+Deadlines, so that a server cannot hold a connection (and the worker's share
+of ``delivery.concurrency``) for as long as it likes by answering slowly:
+
+- **Per reply** (Postfix's ``smtp_per_record_deadline`` idea, applied to whole
+  replies): each reply must be complete within ``command_timeout`` of when it
+  began to be awaited, that is when its command went out or the reply before
+  it ended. Bytes that trickle in do not extend it: a server sending one byte
+  every 299 s used to keep one reply going for months.
+- **Sending**: a reply cannot come before the server has taken what it
+  answers, so while some of our output is unacknowledged (in the transport's
+  buffer or the kernel's send queue, which holds megabytes), the reply's
+  clock starts again each time that amount is seen to shrink (looked at once
+  a second while there is some). A receiver that reads slowly but steadily
+  is not cut off for that (the transaction deadline bounds it); one that
+  takes nothing for ``command_timeout`` is (the "send deadline").
+- **Per connection attempt**: connect, greeting, EHLO, STARTTLS and the second
+  EHLO, AUTH, all within ``connect_timeout + 2 * command_timeout``: one
+  ``command_timeout`` for a greeting delayed on purpose (greet-pause), one for
+  every other exchange together, which honest servers answer in seconds.
+- **Per message transaction**: from the moment a transaction is the oldest
+  unanswered one (MAIL FROM) to the reply to the end of its data, at most
+  ``2 * command_timeout + size / MIN_DATA_RATE``: one ``command_timeout`` for
+  the envelope's replies, one for the reply to the content (servers scan it
+  then), and the content's transfer at no less than 10 KB/s. A 10 MB message
+  may take 1,000 s more; a trickle of bytes cannot stretch it further.
+
+When a reply, sending or transaction deadline passes, the session is aborted
+without QUIT and every message still on it gets a local ``451 4.4.2`` whose
+text names the deadline; a connection attempt past its deadline raises
+:class:`CommandTimeout`. Either way the connection is closed, never reused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
+import math
 import ssl
+import struct
+import termios
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, TypeVar, cast
+from typing import Final, Literal, TypeVar, cast
 
 from postlane.delivery.client_protocol import (
     Authenticated,
@@ -65,6 +100,7 @@ from postlane.delivery.sasl import Credentials
 from postlane.errors import ConfigError, PostlaneError
 
 __all__ = [
+    "MIN_DATA_RATE",
     "AuthenticationFailed",
     "CommandTimeout",
     "ConnectFailed",
@@ -89,6 +125,13 @@ ResultHook = Callable[[TransactionResult], bool]
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
+
+# Bytes per second a message transaction is given for its content (see the module docstring).
+MIN_DATA_RATE: Final = 10_000.0
+# Seconds between looks at what the server has not acknowledged yet, while there is some.
+_SEND_POLL: Final = 1.0
+# Linux's SIOCOUTQ: bytes in a TCP socket's send queue the peer has not acknowledged.
+_SIOCOUTQ: Final[int | None] = getattr(termios, "TIOCOUTQ", None)
 
 
 class OutboundError(PostlaneError):
@@ -225,7 +268,13 @@ def relay_context(ca_file: Path) -> ssl.SSLContext:
 class _Session(asyncio.Protocol):
     """Drives one ClientConnection; resolves the futures of whoever waits on it."""
 
-    def __init__(self, engine: ClientConnection, label: str, command_timeout: float) -> None:
+    def __init__(
+        self,
+        engine: ClientConnection,
+        label: str,
+        command_timeout: float,
+        min_data_rate: float = MIN_DATA_RATE,
+    ) -> None:
         self.engine = engine
         self.label = label  # "mx.example.com[192.0.2.1]:25", for messages
         self.transport: asyncio.Transport | None = None
@@ -237,15 +286,26 @@ class _Session(asyncio.Protocol):
         self.closed_by_us = False
         self._loop = asyncio.get_running_loop()
         self.command_timeout = command_timeout
+        self.min_data_rate = min_data_rate
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when _timer fires
         self._timed_out = False
         self._abortive = False  # close the transport without flushing it
-        self._last_io = self._loop.time()
+        # When the reply now due began to be awaited; None while none is due.
+        self._reply_clock: float | None = None
+        # Bytes written and not acknowledged when last looked; -1 after a write, until looked.
+        self._unsent = 0
+        self._fd: int | None = None  # the socket, for _unacknowledged()
+        # The oldest unanswered transaction's deadline, and the allowance it was given.
+        self._txn_deadline: float | None = None
+        self._txn_allowance = 0.0
         self._ready: asyncio.Future[Capabilities] = self._loop.create_future()
         self._tls: asyncio.Future[TlsReady | Reply] | None = None
         self._auth: asyncio.Future[Authenticated | AuthFailed] | None = None
-        # each queued message's future, with the hook to call on its result first
-        self.sends: deque[tuple[asyncio.Future[TransactionResult], ResultHook | None]] = deque()
+        # each queued message's future, the hook to call on its result first, its size
+        self.sends: deque[tuple[asyncio.Future[TransactionResult], ResultHook | None, int]] = (
+            deque()
+        )
         self.held = False  # output kept back until release() (a ResultHook said so)
         self.resets: deque[asyncio.Future[Reply]] = deque()
         self._quit: asyncio.Future[None] | None = None
@@ -256,12 +316,16 @@ class _Session(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else ""
-        self._last_io = self._loop.time()
+        sock = transport.get_extra_info("socket")
+        self._fd = None if sock is None or _SIOCOUTQ is None else int(sock.fileno())
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        self._last_io = self._loop.time()
-        self.engine.receive_data(data)
+        engine = self.engine
+        replies = engine.replies_received
+        engine.receive_data(data)
+        if engine.replies_received != replies:
+            self._reply_clock = None  # the next reply's clock starts now (in _arm)
         self.pump()
 
     def eof_received(self) -> bool | None:
@@ -285,7 +349,11 @@ class _Session(asyncio.Protocol):
         engine = self.engine
         while (event := engine.next_event()) is not None:
             if isinstance(event, TransactionResult):
-                future, hook = self.sends.popleft()
+                if not self.sends:  # a bug, not the server's doing; the session must go on
+                    log.error("%s: a transaction result nobody waits for: %s", self.label, event)
+                    continue
+                future, hook, _ = self.sends.popleft()
+                self.time_transaction()
                 if hook is not None and not _go_on(hook, event):
                     self.held = True
                 _resolve(future, event)
@@ -313,13 +381,14 @@ class _Session(asyncio.Protocol):
 
     def _on_closed(self, event: Closed) -> None:
         self.closed = event
-        sends = (future for future, _ in self.sends)
+        sends = (future for future, _, _ in self.sends)
         for future in (self._ready, self._tls, self._auth, *self.resets, *sends):
             if future is not None and not future.done():
                 future.set_exception(self.error())
                 future.exception()  # nobody may be waiting; do not log it as unretrieved
         self.resets.clear()
         self.sends.clear()
+        self._txn_deadline = None
         if self._quit is not None:
             _resolve(self._quit, None)
         transport = self.transport
@@ -356,27 +425,123 @@ class _Session(asyncio.Protocol):
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
-            self._last_io = self._loop.time()
+            self._unsent = -1  # looked at when a deadline comes: a syscall per write would cost
+        self._arm()
+
+    def time_transaction(self) -> None:
+        """Start the deadline of the oldest unanswered transaction (see the module docstring).
+
+        Called when that transaction changes (one queued on an idle session,
+        the one before it answered) and when held output is released: the
+        time our own journal or database took is not the server's.
+        """
+        if not self.sends:
+            self._txn_deadline = None
+            return
+        allowance = 2 * self.command_timeout + self.sends[0][2] / self.min_data_rate
+        self._txn_allowance = allowance
+        self._txn_deadline = self._loop.time() + allowance
         self._arm()
 
     def _arm(self) -> None:
-        if self._timer is None and self.engine.waiting:
-            self._timer = self._loop.call_later(self.command_timeout, self._check_timeout)
+        """Keep one timer at the earliest deadline; moved only when one comes earlier.
+
+        One timer per session, not one per read or write: re-arming costs
+        more than the comparisons (uvloop makes a new handle each time).
+        """
+        engine = self.engine
+        if engine.closed:
+            return
+        clock = self._reply_clock
+        if not engine.waiting:
+            clock = self._reply_clock = None
+        elif clock is None:
+            clock = self._reply_clock = self._loop.time()
+        due = math.inf
+        if clock is not None:
+            if self._unsent > 0:  # sending: judged by progress, looked at every poll
+                due = self._loop.time() + min(_SEND_POLL, self.command_timeout / 4)
+            else:
+                due = clock + self.command_timeout
+        if self._txn_deadline is not None and not self.held:
+            due = min(due, self._txn_deadline)
+        if due == math.inf:
+            return  # a timer still set finds nothing due and lapses
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= due:
+                return
+            timer.cancel()
+        self._timer_at = due
+        self._timer = self._loop.call_at(due, self._check_timeout)
 
     def _check_timeout(self) -> None:
-        """One timer per session, re-armed lazily: cheaper than one per read."""
         self._timer = None
-        awaiting = self.engine.awaiting
-        if awaiting is None:
+        engine = self.engine
+        if engine.closed:
             return
-        idle = self._loop.time() - self._last_io
-        if idle < self.command_timeout:
-            self._timer = self._loop.call_later(self.command_timeout - idle, self._check_timeout)
+        now = self._loop.time()
+        awaiting = engine.awaiting
+        deadline = self._txn_deadline
+        if deadline is not None and now >= deadline and not self.held:
+            size = self.sends[0][2] if self.sends else 0
+            self._expire(
+                f"transaction deadline passed: no result after {self._txn_allowance:.1f} "
+                f"seconds for a {size}-byte message, waiting for "
+                f"{awaiting or 'the server'}"
+            )
             return
+        clock = self._reply_clock
+        if clock is not None and awaiting is not None:
+            unsent = self._unacknowledged()
+            known, self._unsent = self._unsent, unsent
+            if 0 <= unsent < known:  # the server took some (all, at 0): it was not idle
+                self._reply_clock = clock = now
+            elif unsent and known < 0:  # progress unknown: look again before judging
+                self._arm()
+                return
+            if now - clock >= self.command_timeout:
+                if unsent:
+                    reason = (
+                        f"timed out after {self.command_timeout:g} seconds with {unsent} "
+                        f"bytes still to send: the server stopped reading (send deadline)"
+                    )
+                else:
+                    reason = (
+                        f"timed out after {self.command_timeout:g} seconds waiting for "
+                        f"{awaiting} (reply deadline)"
+                    )
+                self._expire(reason)
+                return
+        self._arm()
+
+    def _unacknowledged(self) -> int:
+        """Bytes written that the server has not acknowledged yet.
+
+        Those still in the transport's buffer, and those in the kernel's send
+        queue (Linux ``SIOCOUTQ``; elsewhere the call fails once and they go
+        uncounted). The kernel takes megabytes at once, so the transport's
+        buffer alone looks empty long before a slow receiver has read the
+        content, and the reply to it cannot come before.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return 0
+        unsent = transport.get_write_buffer_size()
+        fd = self._fd
+        if fd is not None and _SIOCOUTQ is not None:
+            try:
+                queued: int = struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                self._fd = None
+            else:
+                unsent += queued
+        return unsent
+
+    def _expire(self, reason: str) -> None:
+        """A deadline passed: abort, so nothing more is sent and the connection is not reused."""
         self._timed_out = self._abortive = True
-        self.engine.abort(
-            f"timed out after {self.command_timeout:g} seconds waiting for {awaiting}"
-        )
+        self.engine.abort(reason)
         self.pump()
 
     def quit_and_close(self, reason: str) -> None:
@@ -560,7 +725,10 @@ class OutboundConnection:
         session = self._session
         self._check_open()
         future: asyncio.Future[TransactionResult] = asyncio.get_running_loop().create_future()
-        session.sends.append((future, on_result))
+        entry = (future, on_result, len(data))
+        session.sends.append(entry)
+        if len(session.sends) == 1:
+            session.time_transaction()
         try:
             session.engine.send_message(
                 mail_from,
@@ -572,7 +740,8 @@ class OutboundConnection:
                 crlf_only=crlf_only,
             )
         except BaseException:
-            session.sends.remove((future, on_result))
+            session.sends.remove(entry)
+            session.time_transaction()
             raise
         session.pump()  # sends the commands; a local refusal has its result already
         return future
@@ -590,6 +759,7 @@ class OutboundConnection:
         session = self._session
         if session.held:
             session.held = False
+            session.time_transaction()
             session.flush()
 
     async def reset(self) -> Reply:
@@ -607,11 +777,20 @@ class OutboundConnection:
         return await future
 
     async def close(self) -> None:
-        """QUIT (after any transaction still under way), then close. Never raises."""
+        """QUIT (after any transaction still under way), then close. Never raises.
+
+        The 221 is waited for within the reply deadline; a caller in more of
+        a hurry (a worker stopping) cancels, and the connection is then
+        aborted rather than left open behind it.
+        """
         session = self._session
         if not session.engine.closed and not session.closed_by_us:
             session.closed_by_us = True
-            await session.quit()
+            try:
+                await session.quit()
+            except BaseException:
+                session.abort("closing was cancelled")
+                raise
         transport = session.transport
         if transport is not None and not transport.is_closing():
             transport.close()
@@ -648,6 +827,7 @@ async def connect(
     source_address: str | None = None,
     credentials: Credentials | None = None,
     allow_plaintext_auth: bool = False,
+    min_data_rate: float = MIN_DATA_RATE,
 ) -> OutboundConnection:
     """Connect to ``host`` (an address, usually), greet, STARTTLS per ``tls``, then AUTH.
 
@@ -655,12 +835,19 @@ async def connect(
     ``tls="required"``, the certificate must be valid for it. ``ssl_context``
     replaces the system CA store for required TLS (opportunistic TLS verifies
     nothing). ``command_timeout`` bounds every wait for the server, including
-    the greeting and the TLS handshake. With ``credentials`` the connection is
-    returned only once authenticated, else :class:`AuthenticationFailed`.
+    the greeting and the TLS handshake; the whole attempt, and each message
+    transaction later, have deadlines of their own (``min_data_rate`` sizes
+    a transaction's; see the module docstring). With ``credentials`` the
+    connection is returned only once authenticated, else
+    :class:`AuthenticationFailed`.
     """
     loop = asyncio.get_running_loop()
+    allowance = connect_timeout + 2 * command_timeout
+    deadline = loop.time() + allowance
     label = host if host == server_hostname else f"{server_hostname}[{host}]"
-    session = _Session(ClientConnection(helo_name), f"{label}:{port}", command_timeout)
+    session = _Session(
+        ClientConnection(helo_name), f"{label}:{port}", command_timeout, min_data_rate
+    )
     local_addr = (source_address, 0) if source_address else None
     try:
         async with asyncio.timeout(connect_timeout):
@@ -673,12 +860,24 @@ async def connect(
         raise ConnectionRefused(f"connection to {label}:{port} refused") from None
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {label}:{port}: {exc.strerror or exc}") from exc
+    setup = asyncio.timeout_at(deadline)
     try:
-        capabilities = await session.ready()
-        if tls != "none":
-            await _negotiate_tls(session, capabilities, tls, server_hostname, ssl_context)
-        if credentials is not None:
-            await _authenticate(session, credentials, allow_plaintext_auth)
+        async with setup:
+            capabilities = await session.ready()
+            if tls != "none":
+                await _negotiate_tls(session, capabilities, tls, server_hostname, ssl_context)
+            if credentials is not None:
+                await _authenticate(session, credentials, allow_plaintext_auth)
+    except TimeoutError:
+        if not setup.expired():
+            session.abort("connection abandoned during setup")
+            raise
+        reason = (
+            f"connection deadline passed: not ready to send after {allowance:g} seconds "
+            "(connect, greeting, EHLO, STARTTLS, AUTH)"
+        )
+        session.abort(reason)
+        raise CommandTimeout(f"{session.label}: {reason}") from None
     except BaseException:
         session.abort("connection abandoned during setup")
         raise

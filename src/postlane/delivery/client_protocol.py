@@ -108,6 +108,8 @@ _HELO_NAME = re.compile(r"[\x21-\x7e]+")
 # One reply (all its lines) larger than this is not SMTP: end the session
 # instead of buffering whatever the peer sends.
 _MAX_REPLY = 64 * 1024
+# A SIZE value longer than this is read as no limit (see _size_limit).
+_MAX_SIZE_DIGITS = 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +415,7 @@ class ClientConnection:
         "_tls",
         "auth_mechanism",
         "messages_accepted",
+        "replies_received",
     )
 
     def __init__(self, helo_name: str) -> None:
@@ -445,6 +448,8 @@ class ClientConnection:
         # The mechanism AUTH succeeded with; None until then (and without AUTH).
         self.auth_mechanism: str | None = None
         self.messages_accepted = 0
+        # Complete replies read so far: a driver timing each reply sees one end by this.
+        self.replies_received = 0
 
     # -- the driver's side -----------------------------------------------------
 
@@ -624,8 +629,22 @@ class ClientConnection:
                 self._queue.append(_Command(job, job.value.encode("ascii") + b"\r\n"))
 
     def _start_transaction(self, txn: _Transaction) -> None:
+        """Queue txn's commands; in ``_active`` only once its fate is settled.
+
+        Never raises: txn has left ``_jobs`` already, and a transaction in
+        neither place, or one in ``_active`` with an exception flying, would
+        break the promise of one result per send_message() in call order,
+        which the driver relies on to pair results with their callers. A
+        bug in building MAIL FROM costs this message a local 451, not the
+        session's order.
+        """
+        try:
+            params = self._mail_parameters(txn)
+        except Exception as exc:
+            why = f"internal error preparing MAIL FROM: {type(exc).__name__}: {exc}"[:200]
+            self._refuse_all(txn, _local(451, "4.3.0", why, _Kind.MAIL))
+            params = None
         self._active.append(txn)
-        params = self._mail_parameters(txn)
         if params is None or len(txn.refused) == len(txn.recipients):
             self._finish(txn)
             return
@@ -805,6 +824,7 @@ class ClientConnection:
                 continue
             self._lines = []
             self._reply_size = 0
+            self.replies_received += 1
             self._on_reply(self._reply_code, lines)
             lines = self._lines
             if self._phase is _Phase.CLOSED:
@@ -1091,8 +1111,14 @@ class ClientConnection:
 
 
 def _size_limit(value: str | None) -> int:
-    """The SIZE extension's fixed maximum; 0 when none is announced (RFC 1870 §4)."""
-    if value and value.isascii() and value.isdigit():
+    """The SIZE extension's fixed maximum; 0 when none is announced (RFC 1870 §4).
+
+    More than ``_MAX_SIZE_DIGITS`` digits also counts as no limit: 10**18
+    bytes is none in practice, and ``int()`` of a longer string costs time
+    quadratic in its length, past 4,300 digits a ValueError (Python's
+    int-string limit), which a server could send on purpose.
+    """
+    if value and len(value) <= _MAX_SIZE_DIGITS and value.isascii() and value.isdigit():
         return int(value)
     return 0
 

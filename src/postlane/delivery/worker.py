@@ -44,7 +44,12 @@ suppressed when :func:`~postlane.delivery.bounce_class.classify` says it is a
 hard bounce, else put on the account's ``returned`` list (X-ListOption 512);
 an expiry after a try lists it there too (:func:`queue.mark_expired`).
 Anything that goes wrong for one recipient — a render error, a bug — fails
-or defers that recipient only: the worker logs it and goes on.
+or defers that recipient only: the worker logs it and goes on. The reply or
+reason stored (``last_reply``, the event, a suppression's detail) is cut to
+``STORED_REPLY_CHARS`` with a marker saying how much was left out; it is
+classified on the full text. A server that answers too slowly is cut off by
+the client's deadlines (:mod:`~postlane.delivery.client`): its copies are
+deferred with a reason naming the deadline.
 
 Why every copy has its own envelope sender: the VERP address
 (:mod:`postlane.delivery.verp`) names the recipient row, so any bounce, in any
@@ -132,6 +137,7 @@ from postlane.delivery.backoff import next_attempt, parse_retry_hint
 from postlane.delivery.bounce_class import classify, throttles
 from postlane.delivery.client import (
     AuthenticationFailed,
+    ConnectFailed,
     OutboundConnection,
     OutboundError,
     ResultHook,
@@ -173,6 +179,8 @@ VERP_KEY_PURPOSE: Final = "postlane/verp/v1"
 SWEEP_INTERVAL: Final = 30.0  # seconds between reclaim/expire sweeps
 SWEEP_LIMIT: Final = 1000  # rows expired per sweep transaction (keeps SQLite writers moving)
 STOP_GRACE: Final = 30.0  # seconds stop() lets in-flight groups finish
+CLOSE_GRACE: Final = 10.0  # seconds close_idle() waits for 221s before aborting the rest
+STORED_REPLY_CHARS: Final = 2000  # of a reply or reason kept in last_reply and events
 INLINE_COMPOSE_BYTES: Final = 64 * 1024  # at most this, composed on the loop (_quick_to_compose)
 YIELD_EVERY: Final = 0.005  # seconds of composing before the loop runs other work
 SPREAD_FROM: Final = 10  # rows of a group that earn it one more connection (see _deliver)
@@ -463,11 +471,19 @@ class DeliveryWorker:
         log.info("delivery worker %s stopped", self.owner)
 
     async def close_idle(self) -> None:
-        """QUIT every cached idle connection and wait until they are closed."""
+        """QUIT every cached idle connection; abort those not closed within CLOSE_GRACE.
+
+        Bounded because stop() waits for it: a server that dribbles its 221,
+        or never sends it, must not hold up the worker's shutdown for a reply
+        deadline per connection.
+        """
         for host in self._idle.drain():
             self._close_soon(host)
         if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            _, late = await asyncio.wait(set(self._closing), timeout=CLOSE_GRACE)
+            for task in late:
+                task.cancel()  # close() aborts the connection when cancelled
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def _run(self) -> None:
         """Lease while there is room; after a short lease, gather before leasing again.
@@ -1188,7 +1204,7 @@ class DeliveryWorker:
         reply = result.outcome(job.row.address)
         if reply.code >= 400:
             return True, None  # sent again it is refused again: nothing to guard
-        delivery = queue.Delivery(job.row.id, dict(host.details), str(reply))
+        delivery = queue.Delivery(job.row.id, dict(host.details), _stored(str(reply)))
         try:
             return True, (delivery, self._journal.append(delivery))
         except StoreError:
@@ -1340,12 +1356,20 @@ class DeliveryWorker:
         reported rather than the last problem: that refusal is what the
         destination's rate and the retry must hear, and a later host that
         was merely unreachable says nothing about either.
+
+        At most ``MX_ADDRESS_LIMIT`` addresses are tried and at most
+        ``MX_SESSION_LIMIT`` sessions opened per attempt (Postfix's numbers):
+        the recipient's DNS chooses the hosts and their addresses.
         """
         route = target.route
         problem: DnsFailure | OutboundError | None = None
         throttled: OutboundError | None = None
         temporary = False
+        tried = sessions = 0
         for mx in route.hosts:
+            if tried >= MX_ADDRESS_LIMIT or sessions >= MX_SESSION_LIMIT:
+                log.info("delivery to %s: gave up after %d addresses", route.domain, tried)
+                break
             addresses: list[str] | DnsFailure
             if _is_address(mx):  # a domain literal, or a transport given as an address
                 addresses = [mx]
@@ -1359,7 +1383,8 @@ class DeliveryWorker:
                 if not addresses:
                     problem, temporary = _only_internal(mx, internal), True
                     continue
-            for address in addresses:
+            for address in addresses[: MX_ADDRESS_LIMIT - tried]:
+                tried += 1
                 try:
                     connection = await self._open(
                         address,
@@ -1375,6 +1400,10 @@ class DeliveryWorker:
                     problem, temporary = exc, True
                     if throttled is None and exc.reply is not None and _throttled(exc.reply):
                         throttled = exc
+                    if _session_began(exc):
+                        sessions += 1
+                        if sessions >= MX_SESSION_LIMIT:
+                            break
                     continue
                 host = _Host.of(connection, mx)
                 host.details.update(target.details)
@@ -1473,7 +1502,7 @@ class DeliveryWorker:
     async def _reply_outcome(
         self, row: queue.Leased, reply: Reply, details: dict[str, Any]
     ) -> None:
-        text = str(reply)
+        text = _stored(str(reply))  # classified and hinted on the full text, below
         if reply.code < 400:
             await self._record(row, queue.Delivery(row.id, details, text))
             return
@@ -1509,6 +1538,7 @@ class DeliveryWorker:
         hint: timedelta | None = None,
     ) -> None:
         """Deferred with backoff, or expired when the next try would be past the expiry."""
+        reason = _stored(reason)  # may quote a server's reply (a refused session)
         now = self._clock()
         due = next_attempt(row.attempts + 1, now, expires_at=row.expires_at, retry_hint=hint)
         if due is None:
@@ -1560,6 +1590,7 @@ class DeliveryWorker:
         suppress: bool = False,
     ) -> None:
         """Fail ``row`` for good; ``suppress`` also lists the address as a hard bounce."""
+        reason = _stored(reason)
         now = self._clock()
         payload = dict(data)
         if status is not None:
@@ -1695,6 +1726,24 @@ def _split_public(addresses: Sequence[str]) -> tuple[list[str], list[str]]:
     return public, internal
 
 
+# Postfix's smtp_mx_address_limit and smtp_mx_session_limit defaults: per delivery
+# attempt, at most 5 addresses are tried and 2 sessions opened, whatever the MX
+# records list (routing.MAX_MX_HOSTS keeps 10 hosts). Mail to a domain whose
+# hosts are all failing waits for the retry; without a limit, anyone's DNS made
+# one group try 4,800 addresses, a day and more at 30 s each.
+MX_ADDRESS_LIMIT: Final = 5
+MX_SESSION_LIMIT: Final = 2
+
+
+def _session_began(exc: OutboundError) -> bool:
+    """Whether the connection was made before ``exc``: it then counts as a session.
+
+    As in Postfix, an address that could not be reached at all counts only
+    against ``MX_ADDRESS_LIMIT``.
+    """
+    return not isinstance(exc, ConnectFailed)
+
+
 def _only_internal(mx: str, internal: Sequence[str]) -> DnsFailure:
     """Why a host with only non-public addresses was not connected to.
 
@@ -1771,6 +1820,23 @@ def _list_returned(conn: Connection, row: queue.Leased, reply: str, now: datetim
         )
     except InvalidInput as exc:
         log.warning("recipient %d: not put on the returned list: %s", row.id, exc)
+
+
+def _stored(text: str) -> str:
+    """``text`` cut to about STORED_REPLY_CHARS, at a line end when one is near, marked so.
+
+    A reply may be 64 KiB, and it is stored per recipient (``last_reply``,
+    the event, the suppression): a server must not make every recipient's
+    row that big. The first lines say what went wrong; classification and
+    retry hints read the full reply before it is cut.
+    """
+    if len(text) <= STORED_REPLY_CHARS:
+        return text
+    kept = text[:STORED_REPLY_CHARS]
+    line_end = kept.rfind("\n")
+    if line_end >= STORED_REPLY_CHARS // 2:
+        kept = kept[:line_end]
+    return f"{kept}\n… ({len(text) - len(kept)} more characters)"
 
 
 def _throttled(reply: Reply) -> bool:

@@ -25,6 +25,7 @@ import contextlib
 import email.policy
 import functools
 import json
+import re
 import ssl
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -1204,6 +1205,192 @@ def test_a_421_greeting_s_retry_hint_is_kept(env: Env) -> None:
     assert row.next_attempt_at <= after + timedelta(minutes=30)
 
 
+# -- deadlines, and what a hostile server's replies cost ------------------------------------------
+
+
+class _RawMx(asyncio.Protocol):
+    """A hand-written MX for what the engine-based Receiver never does.
+
+    ``ehlo`` is its EHLO reply; ``dribble`` sends the reply to the content one
+    byte every 0.1 s; ``quit_reply`` None never answers QUIT.
+    """
+
+    def __init__(self, owner: RawMx) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.owner.sessions.append(self)
+        transport.write(b"220 mx ESMTP\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.buffer, self.in_data = self.buffer[end + 5 :], False
+                self.owner.messages += 1
+                reply = b"250 2.0.0 queued as " + b"Q" * 500 + b"\r\n"
+                self.drip(reply) if self.owner.dribble else self.write(reply)
+                continue
+            line, found, self.buffer = self.buffer.partition(b"\r\n")
+            if not found:
+                self.buffer = line
+                return
+            command = line[:4].upper()
+            if command == b"EHLO":
+                self.write(self.owner.ehlo)
+            elif command == b"DATA":
+                self.write(b"354 go\r\n")
+                self.in_data = True
+            elif command == b"QUIT":
+                if self.owner.quit_reply is not None:
+                    self.write(self.owner.quit_reply)
+                    if self.transport is not None:
+                        self.transport.close()
+            else:
+                self.write(b"250 2.1.0 Ok\r\n")
+
+    def drip(self, data: bytes) -> None:
+        if data and self.write(data[:1]):
+            asyncio.get_running_loop().call_later(0.1, self.drip, data[1:])
+
+    def write(self, data: bytes) -> bool:
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(data)
+        return True
+
+
+@dataclass
+class RawMx:
+    ehlo: bytes = b"250-mx\r\n250 PIPELINING\r\n"
+    dribble: bool = False
+    quit_reply: bytes | None = b"221 2.0.0 Bye\r\n"
+    sessions: list[_RawMx] = field(default_factory=list)
+    messages: int = 0
+
+    async def start(self) -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(lambda: _RawMx(self), "127.0.0.1", 0)
+
+
+def test_a_dribbling_server_is_cut_off_and_the_copy_deferred_saying_so(env: Env) -> None:
+    """A byte every 0.1 s used to keep the reply going (and a concurrency slot taken)."""
+    message_id = env.message("ann@example.test")
+    mx = RawMx(dribble=True)
+
+    async def scenario() -> float:
+        server = await mx.start()
+        port = int(server.sockets[0].getsockname()[1])
+        worker = DeliveryWorker(env.settings(port), env.db, MASTER, command_timeout=1)
+        started = asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(worker.run_once(), 30)
+            await asyncio.wait_for(worker.close_idle(), 10)
+        finally:
+            server.close()
+        return asyncio.get_running_loop().time() - started
+
+    assert run(scenario()) < 10  # the reply alone is 500 bytes: 50 s at that rate
+    row = env.recipients(message_id)["ann@example.test"]
+    assert row.status == "deferred"
+    assert row.last_reply is not None
+    assert row.last_reply.startswith("451 4.4.2") and "reply deadline" in row.last_reply
+    assert mx.sessions[0].transport is None  # aborted, not kept for the next batch
+
+
+def test_a_size_of_thousands_of_digits_delivers_and_stop_returns(env: Env) -> None:
+    """int() of the SIZE value raised, and the connection kept in the cache hung stop()."""
+    message_id = env.message("ann@example.test", "bob@example.test")
+    mx = RawMx(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SIZE " + b"9" * 5000 + b"\r\n")
+
+    async def scenario() -> None:
+        server = await mx.start()
+        port = int(server.sockets[0].getsockname()[1])
+        worker = DeliveryWorker(env.settings(port, poll_interval=0.05), env.db, MASTER)
+        await worker.start()
+        try:
+            for _ in range(200):
+                if mx.messages == 2:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await asyncio.wait_for(worker.stop(), 20)
+            server.close()
+
+    run(scenario())
+    assert {r.status for r in env.recipients(message_id).values()} == {"delivered"}
+    assert mx.messages == 2 and len(mx.sessions) == 1
+
+
+def test_close_idle_aborts_a_connection_whose_server_never_answers_quit(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "CLOSE_GRACE", 0.5, raising=False)
+    env.message("ann@example.test")
+    mx = RawMx(quit_reply=None)
+
+    async def scenario() -> None:
+        server = await mx.start()
+        port = int(server.sockets[0].getsockname()[1])
+        # the default 300 s reply deadline: only the grace keeps the wait short
+        worker = DeliveryWorker(env.settings(port, connection_cache_seconds=60), env.db, MASTER)
+        try:
+            await worker.run_once()
+            await asyncio.wait_for(worker.close_idle(), 10)
+            await asyncio.sleep(0.05)
+        finally:
+            server.close()
+
+    run(scenario())
+    assert mx.messages == 1
+    assert mx.sessions[0].transport is None
+
+
+def test_a_long_reply_is_stored_cut_with_a_marker_and_classified_in_full(env: Env) -> None:
+    message_id = env.message("gone@example.test", "later@example.test")
+    filler = tuple(f"line {n}: " + "x" * 60 for n in range(100))  # about 7,000 characters
+    receiver = Receiver(
+        replies={
+            "gone@example.test": p.Reply(550, "5.1.1", ("No such user", *filler)),
+            # the retry hint is on the last line, past what is stored
+            "later@example.test": p.Reply(
+                450, "4.2.0", ("Mailbox busy", *filler, "try again in 30 minutes")
+            ),
+        }
+    )
+    before = datetime.now(UTC)
+    run(deliver(env, receiver))
+
+    rows = env.recipients(message_id)
+    gone, later = rows["gone@example.test"], rows["later@example.test"]
+    for row in (gone, later):
+        stored = row.last_reply
+        assert stored is not None and 1000 < len(stored) <= 2100
+        assert re.search(r"\n… \(\d+ more characters\)$", stored), stored[-80:]
+        assert stored.split("\n… (")[0].endswith("x" * 60)  # cut at a line end
+    assert gone.status == "failed" and gone.last_reply is not None
+    assert gone.last_reply.startswith("550 5.1.1 No such user\nline 0: ")
+    assert later.status == "deferred"
+    assert later.next_attempt_at >= before + timedelta(minutes=30)
+    (failed,) = env.events(message_id, "failed")
+    assert failed.data["kind"] == "hard" and failed.data["reply"] == gone.last_reply
+    (deferred,) = env.events(message_id, "deferred")
+    assert deferred.data["reply"] == later.last_reply
+    with env.db.connect() as conn:
+        (entry,) = suppression_store.list_suppressions(conn, env.account_id)
+    assert entry.address == "gone@example.test" and entry.detail == gone.last_reply
+
+
 # -- MTA-STS --------------------------------------------------------------------------------------
 
 STS_DOMAIN = "sts.test"  # MX mx.test.example, and an _mta-sts record
@@ -2053,3 +2240,70 @@ def test_leases_of_rows_in_flight_are_renewed(env: Env) -> None:
     run(scenario())
     assert len(seen) == 2 and seen[1] >= seen[0] + timedelta(seconds=3)
     assert env.recipients(message_id)["ann@example.test"].status == "delivered"
+
+
+# -- how many MX addresses and sessions one attempt may use ---------------------------------------
+
+
+@contextlib.contextmanager
+def mx_hosts(env: Env, domain: str, addresses: dict[str, list[str]]) -> Iterator[None]:
+    """``domain``'s MX hosts (preference 10, 20, ... in the given order) and their addresses."""
+    mx = [f"{10 * (i + 1)} {host}" for i, host in enumerate(addresses)]
+    env.dns.set(domain, "MX", mx)
+    for host, values in addresses.items():
+        env.dns.set(host, "A", values)
+    try:
+        yield
+    finally:
+        env.dns.delete(domain, "MX")
+        for host in addresses:
+            env.dns.delete(host, "A")
+
+
+def test_an_attempt_tries_at_most_five_addresses_of_hosts_that_refuse(env: Env) -> None:
+    """The recipient's DNS chose them: 300 hosts of 16 addresses each were all tried."""
+    message_id = env.message("ann@refusing.test")
+    hosts = {f"mx{h}.refusing.test": [f"127.0.{h}.{a}" for a in range(1, 4)] for h in range(4)}
+    tried: list[tuple[str, str]] = []
+
+    async def scenario() -> None:
+        receiver = Receiver()
+        port = await receiver.start()
+        await receiver.stop()  # nothing listens on the port any more: every connect is refused
+        worker = DeliveryWorker(env.settings(port), env.db, MASTER, connect_timeout=5)
+        real_open = worker._open
+
+        async def counting_open(address: str, mx: str, *args: Any, **kwargs: Any) -> Any:
+            tried.append((mx, address))
+            return await real_open(address, mx, *args, **kwargs)
+
+        worker._open = counting_open  # type: ignore[method-assign]
+        await worker.run_once()
+
+    with mx_hosts(env, "refusing.test", hosts):
+        run(scenario())
+    assert worker_module.MX_ADDRESS_LIMIT == 5
+    assert tried == [
+        ("mx0.refusing.test", "127.0.0.1"),
+        ("mx0.refusing.test", "127.0.0.2"),
+        ("mx0.refusing.test", "127.0.0.3"),
+        ("mx1.refusing.test", "127.0.1.1"),
+        ("mx1.refusing.test", "127.0.1.2"),
+    ]
+    row = env.recipients(message_id)["ann@refusing.test"]
+    assert row.status == "deferred"
+    assert row.last_reply is not None and "refused" in row.last_reply
+
+
+def test_an_attempt_opens_at_most_two_sessions_that_fail(env: Env) -> None:
+    """Postfix's smtp_mx_session_limit: hosts that answer but refuse count separately."""
+    message_id = env.message("ann@refusing.test")
+    hosts = {f"mx{h}.refusing.test": ["127.0.0.1"] for h in range(4)}
+    receiver = Receiver(refusal=b"554 5.7.1 No SMTP service here\r\n")
+    with mx_hosts(env, "refusing.test", hosts):
+        assert run(deliver(env, receiver)) == [1]
+    assert worker_module.MX_SESSION_LIMIT == 2
+    assert receiver.sessions == 2
+    row = env.recipients(message_id)["ann@refusing.test"]
+    assert row.status == "deferred"
+    assert row.last_reply is not None and "No SMTP service here" in row.last_reply

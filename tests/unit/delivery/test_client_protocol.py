@@ -729,6 +729,60 @@ def test_size_without_a_limit_is_still_declared() -> None:
     assert b"SIZE=2000000" in client.send("a@example.com", data=b"x" * 2000000)
 
 
+def test_size_with_thousands_of_digits_is_no_limit_and_the_message_goes() -> None:
+    # int() of more than 4,300 digits raises ValueError: it used to escape
+    # send_message with the transaction half started, and no result ever came.
+    client = ready(b"250-mx\r\n250-PIPELINING\r\n250 SIZE " + b"9" * 5000 + b"\r\n")
+    assert client.send("a@example.com").startswith(b"MAIL FROM:<sender@example.net> SIZE=24\r\n")
+    client.feed(MAIL_OK + RCPT_OK + GO)
+    client.feed(QUEUED)
+    assert only(client.of(TransactionResult)).delivered == ["a@example.com"]
+    client.conn.quit()
+    assert client.sent() == b"QUIT\r\n"
+    client.feed(b"221 2.0.0 Bye\r\n")
+    assert only(client.of(Closed)).reason == "closed after QUIT"
+
+
+def test_size_limit_is_read_up_to_18_digits() -> None:
+    client = ready(b"250-mx\r\n250-PIPELINING\r\n250 SIZE 000000000000001000\r\n")
+    assert client.send("a@example.com", data=b"x" * 1001) == b""
+    assert only(client.of(TransactionResult)).recipients["a@example.com"].code == 552
+    client = ready(b"250-mx\r\n250-PIPELINING\r\n250 SIZE 0000000000000001000\r\n")
+    assert client.send("a@example.com", data=b"x" * 1001).startswith(b"MAIL FROM:")
+
+
+def test_a_failure_building_mail_from_costs_that_message_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = ready()
+
+    def broken(self: ClientConnection, txn: object) -> bytes:
+        raise ValueError("a bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ClientConnection, "_mail_parameters", broken)
+        assert client.send("a@example.com") == b""  # no exception, nothing sent
+    first = only(client.of(TransactionResult)).recipients["a@example.com"]
+    assert (first.code, first.enhanced, first.local) == (451, "4.3.0", True)
+    assert "ValueError: a bug" in first.text
+    assert client.send("b@example.com").startswith(b"MAIL FROM:")  # the session goes on
+    client.feed(MAIL_OK + RCPT_OK + GO)
+    client.feed(QUEUED)
+    assert client.of(TransactionResult)[1].delivered == ["b@example.com"]
+
+
+def test_replies_received_counts_complete_replies_only() -> None:
+    client = Client()
+    client.feed(GREETING[:-3])
+    assert client.conn.replies_received == 0
+    client.feed(GREETING[-3:])
+    assert client.conn.replies_received == 1
+    client.feed(EHLO_FULL[:-5])  # a multi-line reply is one, when its last line is in
+    assert client.conn.replies_received == 1
+    client.feed(EHLO_FULL[-5:])
+    assert client.conn.replies_received == 2
+
+
 def test_smtputf8_needed_but_not_offered() -> None:
     client = ready(b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
     assert client.send("a@example.com", smtputf8=True) == b""
