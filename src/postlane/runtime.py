@@ -8,7 +8,9 @@ commit process and any further intake processes, ``smtp.processes``);
 larger installs run the same binary per role against PostgreSQL. Whatever
 runs, SIGINT and SIGTERM stop it cleanly: listeners close first so no new
 work is accepted, then work in flight is allowed to finish, so nothing a
-client was told is accepted gets lost.
+client was told is accepted gets lost. A supervised child that cannot be
+started again and without which no mail can be accepted (the commit process)
+stops everything the same way, and serve then exits non-zero.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from postlane import heap, logs
 from postlane.config import Settings
-from postlane.errors import InvalidInput
+from postlane.errors import InvalidInput, PostlaneError
 from postlane.store import Database
 
 log = logging.getLogger("postlane")
@@ -35,6 +37,21 @@ class Role(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class Supervised(Protocol):
+    """A role whose processes can end on their own (:class:`~postlane.child_role.ChildRole`).
+
+    It is told when the service begins to stop, so that an exit from then on
+    is expected rather than restarted, and it reports through ``on_fatal``
+    when it cannot go on, so that the service stops instead of refusing mail
+    for ever.
+    """
+
+    on_fatal: Callable[[PostlaneError], None] | None
+
+    def stopping(self) -> None: ...
 
 
 class MetricsEndpoint:
@@ -172,34 +189,72 @@ async def serve(
     first: Sequence[Role] = (),
     children: Sequence[Role] = (),
 ) -> None:
-    """Run every role until a stop signal arrives."""
+    """Run every role until a stop signal arrives, or until a role cannot go on.
+
+    The signal handlers are in place before anything starts and stay until
+    the loop ends: SIGHUP's default action ends the process, and a
+    parent ended that way leaves its children to fail on a broken pipe. A
+    SIGHUP during startup reloads the roles started so far (the others read
+    everything when they start); during shutdown it is only logged.
+
+    Raises the role's error (a PostlaneError, so the CLI exits 1) when a
+    supervised role gave up, after every role has been stopped.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    fatal: list[PostlaneError] = []
     to_start = build_roles(
         settings, db, master_key, roles, metrics=metrics, first=first, children=children
     )
     started: list[Role] = []
+
+    def begin_stop() -> None:
+        if not stop.is_set():
+            stop.set()
+            for role in to_start:  # before any role stops: its children may exit already
+                if isinstance(role, Supervised):
+                    role.stopping()
+
+    def on_fatal(error: PostlaneError) -> None:
+        fatal.append(error)
+        begin_stop()
+
+    def on_hangup() -> None:
+        if stop.is_set():
+            log.info("SIGHUP ignored: shutting down")
+        else:
+            _reload(started)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, begin_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    for role in to_start:
+        if isinstance(role, Supervised):
+            role.on_fatal = on_fatal
     flusher = asyncio.ensure_future(logs.flush_periodically(log_buffer)) if log_buffer else None
     try:
         for role in to_start:
+            if stop.is_set():  # a stop signal during startup: start nothing more
+                break
             await role.start()
             started.append(role)
-        loop.add_signal_handler(signal.SIGHUP, _reload, started)
-        heap.settle()  # what the started roles hold lives as long as the process
-        names = ", ".join(r.name for r in started) or "no roles yet"
-        log.info("postlane running (%s); database %s", names, db.url)
-        print("postlane running: " + names, flush=True)
+        if not stop.is_set():
+            heap.settle()  # what the started roles hold lives as long as the process
+            names = ", ".join(r.name for r in started) or "no roles yet"
+            log.info("postlane running (%s); database %s", names, db.url)
+            print("postlane running: " + names, flush=True)
         await stop.wait()
-        log.info("stop signal received, shutting down")
+        if not fatal:
+            log.info("stop signal received, shutting down")
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)
+        begin_stop()  # also when a role failed to start: no restarts while stopping the rest
         for role in reversed(started):
             await role.stop()
         db.dispose()
         if flusher is not None:
             flusher.cancel()
+    if fatal:
+        raise fatal[0]
     print("postlane stopped", flush=True)
 
 
@@ -239,7 +294,13 @@ def run(
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        asyncio.run(main)
+        runner = asyncio.run
     else:
-        uvloop.run(main)
-    log_buffer.flush()
+        runner = uvloop.run
+    try:
+        runner(main)
+    finally:
+        # Closing the loop gave SIGHUP its default action back, which would end
+        # a process that has stopped cleanly before it can say so.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        log_buffer.flush()  # a failed service's last lines matter most

@@ -36,13 +36,20 @@ class _Remembered:
 
 
 class CredentialCache:
-    """Verified credentials, remembered as keyed digests for ``ttl`` seconds."""
+    """Verified credentials, remembered as keyed digests for ``ttl`` seconds.
+
+    Entries are also indexed by user, so that forgetting a user (a reset,
+    or every user of a disabled account) costs that user's entries rather
+    than a walk of the whole cache per user. Not thread-safe: the SMTP event
+    loop is its only user (the tenant directory calls ``forget_user`` there).
+    """
 
     def __init__(self, ttl: float, *, key: bytes | None = None, clock: Clock = time.monotonic):
         self._key = key or os.urandom(32)
         self._ttl = ttl
         self._clock = clock
         self._entries: dict[bytes, _Remembered] = {}
+        self._by_user: dict[str, set[bytes]] = {}  # lower-cased owner -> keys of its entries
         self._max_entries = 100_000
 
     def _digest(self, username: str, password: str) -> bytes:
@@ -60,7 +67,7 @@ class CredentialCache:
         if entry.expires < self._clock() or not hmac.compare_digest(
             entry.password_hash, password_hash
         ):
-            del self._entries[key]
+            self._drop(key)
             return False
         return True
 
@@ -75,21 +82,32 @@ class CredentialCache:
             self._sweep()
         key = self._digest(username, password)
         name = (owner or username).lower()
+        self._drop(key)  # an alias login may have changed owner since
         self._entries[key] = _Remembered(name, password_hash, self._clock() + self._ttl)
+        self._by_user.setdefault(name, set()).add(key)
 
     def forget_user(self, username: str) -> None:
         """Drop every remembered credential of a user (password reset, user disabled)."""
-        name = username.lower()
-        for key in [k for k, e in self._entries.items() if e.username == name]:
-            del self._entries[key]
+        for key in self._by_user.pop(username.lower(), ()):
+            self._entries.pop(key, None)
+
+    def _drop(self, key: bytes) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        keys = self._by_user.get(entry.username)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_user[entry.username]
 
     def _sweep(self) -> None:
         now = self._clock()
         for key in [k for k, e in self._entries.items() if e.expires < now]:
-            del self._entries[key]
+            self._drop(key)
         if len(self._entries) >= self._max_entries:  # all fresh: drop the oldest half
             for key in list(self._entries)[: self._max_entries // 2]:
-                del self._entries[key]
+                self._drop(key)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -50,16 +50,25 @@ class Authenticator:
         self._in_flight: dict[tuple[str, str, str], asyncio.Future[bool]] = {}
 
     def on_tenants_changed(self, old: TenantSnapshot, new: TenantSnapshot) -> None:
-        """Forget remembered credentials of users who were reset, disabled or removed."""
+        """Forget remembered credentials of users who were reset, disabled or removed.
+
+        Called on the event loop (the cache is not shared with threads). One
+        pass over the users, whatever the number of accounts disabled, and
+        each forget costs only that user's cache entries.
+        """
         for login, user in old.users.items():
             fresh = new.users.get(login)
             if fresh is None or not fresh.active or fresh.password_hash != user.password_hash:
                 self._cache.forget_user(user.username)
-        for account_id, account in new.accounts.items():
-            if not account.smtp_enabled and old.accounts.get(account_id, account).smtp_enabled:
-                for user in new.users.values():
-                    if user.account_id == account_id:
-                        self._cache.forget_user(user.username)
+        disabled = {
+            account_id
+            for account_id, account in new.accounts.items()
+            if not account.smtp_enabled and old.accounts.get(account_id, account).smtp_enabled
+        }
+        if disabled:
+            for user in new.users.values():
+                if user.account_id in disabled:
+                    self._cache.forget_user(user.username)
 
     def quick(self, ip: str, username: str, password: str) -> AuthResult | None:
         """The answer without hashing when there is one (throttled, or remembered)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from postlane.store.tenant_changes import tenants_fingerprint
 log = logging.getLogger("postlane.tenants")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+FAILURE_LOG_INTERVAL = 60.0  # seconds between log lines while refreshes keep failing
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +113,12 @@ class TenantSnapshot:
 
 
 class TenantDirectory:
-    """Holds the current snapshot and refreshes it when the tables change."""
+    """Holds the current snapshot and refreshes it when the tables change.
+
+    The tables are read in a worker thread, but the snapshot is replaced and
+    ``on_change`` runs on the event loop: the change handler forgets cached
+    credentials, and the credential cache is only ever touched from the loop.
+    """
 
     def __init__(
         self,
@@ -118,32 +126,94 @@ class TenantDirectory:
         *,
         refresh_interval: float = 1.0,
         on_change: Callable[[TenantSnapshot, TenantSnapshot], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
         self._interval = refresh_interval
+        self._clock = clock
         self.on_change = on_change
         self._fingerprint: tuple[Any, ...] | None = None
         self.snapshot = TenantSnapshot()
 
     def reload(self) -> bool:
-        """Load the tables again if they changed; True when the snapshot was replaced."""
+        """Load the tables again if they changed; True when the snapshot was replaced.
+
+        Loads and installs in the calling thread, which suits startup and
+        tests; run() loads in a worker thread and installs on the loop.
+        """
+        loaded = self.load()
+        if loaded is None:
+            return False
+        self.install(*loaded)
+        return True
+
+    def load(self) -> tuple[tuple[Any, ...], TenantSnapshot] | None:
+        """The tables' fingerprint and a snapshot of them, or None when unchanged.
+
+        Touches nothing the event loop uses, so it may run in a worker thread.
+        """
+        known = self._fingerprint
         with self._db.connect() as conn:
             fingerprint = tenants_fingerprint(conn)
-            if fingerprint == self._fingerprint:
-                return False
+            if fingerprint == known:
+                return None
             fresh = TenantSnapshot.build(
                 list_accounts(conn), list_smtp_users(conn), list_domains(conn)
             )
+        return fingerprint, fresh
+
+    def install(self, fingerprint: tuple[Any, ...], fresh: TenantSnapshot) -> None:
+        """Make ``fresh`` current and tell ``on_change``; in the thread that serves sessions."""
         old, self.snapshot, self._fingerprint = self.snapshot, fresh, fingerprint
         if self.on_change is not None:
             self.on_change(old, fresh)
-        return True
 
     async def run(self) -> None:
-        """Refresh forever (cancel to stop); a failed refresh keeps the last snapshot."""
+        """Refresh forever (cancel to stop); a failed refresh keeps the last snapshot.
+
+        While the database is away every refresh fails: the first failure is
+        logged, then one line a minute at most (FAILURE_LOG_INTERVAL), and one
+        when refreshing works again, saying how stale the snapshot became.
+        """
+        clock = self._clock
+        current_at = clock()  # when the snapshot was last known to match the tables
+        failing_since: float | None = None
+        failures = 0
+        logged_at = 0.0
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await asyncio.to_thread(self.reload)
+                loaded = await asyncio.to_thread(self.load)
             except Exception as exc:  # the database may be briefly away: keep serving
-                log.warning("tenant refresh failed, keeping the previous snapshot: %s", exc)
+                now = clock()
+                failures += 1
+                if failing_since is None:
+                    failing_since = logged_at = now
+                    log.warning("tenant refresh failed, keeping the previous snapshot: %s", exc)
+                elif now - logged_at >= FAILURE_LOG_INTERVAL:
+                    logged_at = now
+                    log.warning(
+                        "tenant refresh still failing after %.0f s (%d attempts); the snapshot "
+                        "is %.0f s old: %s",
+                        now - failing_since,
+                        failures,
+                        now - current_at,
+                        exc,
+                    )
+                continue
+            now = clock()
+            if failing_since is not None:
+                log.warning(
+                    "tenant refresh works again after %.0f s (%d failed attempts); the snapshot "
+                    "was up to %.0f s stale",
+                    now - failing_since,
+                    failures,
+                    now - current_at,
+                )
+                failing_since, failures = None, 0
+            current_at = now
+            if loaded is not None:
+                try:
+                    self.install(*loaded)
+                except Exception:  # the snapshot is in place; only the handler failed
+                    log.exception("handling a tenant change failed (the new snapshot is in use)")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from postlane.smtp.auth_guard import CredentialCache, FailureThrottle
 
 
@@ -46,6 +48,49 @@ def test_cache_off_with_zero_ttl() -> None:
     cache.remember("a", "b", "c")
     assert not cache.verified("a", "b", "c")
     assert len(cache) == 0
+
+
+class Unwalkable(dict[bytes, Any]):
+    """The cache's entries, refusing to be walked as a whole."""
+
+    def _walk(self, *args: Any) -> Any:
+        raise AssertionError("forgetting one user walked every cache entry")
+
+    __iter__ = items = keys = values = _walk  # type: ignore[assignment]
+
+
+def test_forgetting_a_user_touches_only_that_users_entries() -> None:
+    """Disabling an account forgets each of its users: a walk of the cache for each
+    was users x entries (2,000 users and 20,000 entries took 0.8 s on the loop)."""
+    cache = CredentialCache(60)
+    for number in range(1000):
+        cache.remember(f"user{number}", "pw", "$h")
+    cache.remember("app1", "pw1", "$h")
+    cache.remember("news@acme.com", "pw2", "$h", owner="App1")  # an alias login
+    cache._entries = Unwalkable(cache._entries)
+    cache.forget_user("APP1")
+    cache.forget_user("nobody")
+    assert len(cache) == 1000
+    assert not cache.verified("app1", "pw1", "$h")
+    assert not cache.verified("news@acme.com", "pw2", "$h")
+    assert cache.verified("user7", "pw", "$h")
+
+
+def test_the_index_by_user_follows_every_way_an_entry_goes() -> None:
+    clock = FakeClock()
+    cache = CredentialCache(60, clock=clock)
+    cache.remember("app1", "pw", "$h")
+    assert not cache.verified("app1", "pw", "$other")  # dropped: the hash changed
+    cache.remember("app2", "pw", "$h")
+    clock.now += 61
+    cache._sweep()  # expired
+    cache.remember("news@acme.com", "pw", "$h", owner="app3")
+    cache.remember("news@acme.com", "pw", "$h", owner="app4")  # the alias moved
+    assert cache._by_user == {"app4": {cache._digest("news@acme.com", "pw")}}
+    cache.forget_user("app3")
+    assert cache.verified("news@acme.com", "pw", "$h")
+    cache.forget_user("app4")
+    assert len(cache) == 0 and cache._by_user == {}
 
 
 def test_throttle_per_ip_and_per_username_in_window() -> None:

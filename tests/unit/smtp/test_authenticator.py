@@ -10,6 +10,7 @@ cost, so those tests are the slow ones.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -375,3 +376,39 @@ def test_remembered_credentials_are_not_held_up_by_guesses_under_way(
     assert asyncio.run(guessing_meanwhile()) == AuthResult("ok", world.alice)
     assert slow_hashing[0] == PASSWORD  # and no verification of it since
     assert sorted(slow_hashing[1:]) == [f"guess {n}" for n in range(MAX_FAILURES)]
+
+
+def test_credentials_are_forgotten_on_the_event_loop_thread(
+    world: World, hashes: dict[str, str]
+) -> None:
+    """The cache is used unlocked by sessions on the loop: a refresh thread must not touch it."""
+    assert world.verify("Alice", PASSWORD).verdict == "ok"
+    forgotten: list[tuple[str, int]] = []
+    real_forget = world.cache.forget_user
+
+    def forget_user(username: str) -> None:
+        forgotten.append((username, threading.get_ident()))
+        real_forget(username)
+
+    world.cache.forget_user = forget_user  # type: ignore[method-assign]
+    directory = TenantDirectory(world.db, refresh_interval=0.01)
+    directory.on_change = world.auth.on_tenants_changed
+    directory.reload()
+    world.auth._directory = directory
+
+    async def scenario() -> int:
+        task = asyncio.ensure_future(directory.run())
+        try:
+            with world.db.begin() as conn:
+                set_password_hash(conn, world.alice.id, hashes[NEW_PASSWORD])
+            for _ in range(500):
+                if forgotten:
+                    break
+                await asyncio.sleep(0.01)
+            return threading.get_ident()
+        finally:
+            task.cancel()
+
+    loop_thread = asyncio.run(scenario())
+    assert forgotten == [("Alice", loop_thread)]
+    assert len(world.cache) == 0

@@ -411,12 +411,12 @@ def test_run_keeps_the_last_snapshot_when_a_refresh_fails(db: Database, account:
     kept = directory.snapshot
     attempts = 0
 
-    def broken() -> bool:
+    def broken() -> None:
         nonlocal attempts
         attempts += 1
         raise RuntimeError("database away")
 
-    directory.reload = broken  # type: ignore[method-assign]
+    directory.load = broken  # type: ignore[method-assign]
 
     async def scenario() -> None:
         task = asyncio.ensure_future(directory.run())
@@ -430,3 +430,100 @@ def test_run_keeps_the_last_snapshot_when_a_refresh_fails(db: Database, account:
     asyncio.run(scenario())
     assert attempts >= 3
     assert directory.snapshot is kept
+
+
+def test_run_installs_changes_on_the_event_loop_thread(db: Database, account: Account) -> None:
+    """The change handler forgets cached credentials, which the event loop uses unlocked."""
+    threads: list[int] = []
+    directory = TenantDirectory(
+        db, refresh_interval=0.01, on_change=lambda old, new: threads.append(threading.get_ident())
+    )
+    directory.reload()
+    threads.clear()
+
+    async def scenario() -> int:
+        task = asyncio.ensure_future(directory.run())
+        try:
+            new_user(db, account, "mailer")
+            for _ in range(500):
+                if threads:
+                    break
+                await asyncio.sleep(0.01)
+            return threading.get_ident()
+        finally:
+            task.cancel()
+
+    loop_thread = asyncio.run(scenario())
+    assert threads == [loop_thread]
+    assert directory.snapshot.login("mailer") is not None
+
+
+def test_run_reports_a_failing_handler_without_blaming_the_refresh(
+    db: Database, account: Account, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(old: TenantSnapshot, new: TenantSnapshot) -> None:
+        raise RuntimeError("handler broke")
+
+    directory = TenantDirectory(db, refresh_interval=0.01)
+    directory.reload()
+    directory.on_change = handler
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(directory.run())
+        try:
+            new_user(db, account, "mailer")
+            for _ in range(500):
+                if directory.snapshot.login("mailer") is not None:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+
+    asyncio.run(scenario())
+    assert directory.snapshot.login("mailer") is not None
+    assert "handling a tenant change failed" in caplog.text
+    assert "keeping the previous snapshot" not in caplog.text
+
+
+def test_refresh_failures_are_logged_at_most_once_a_minute(
+    db: Database, account: Account, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the database down every refresh (each second) fails: not a line for each."""
+    now = [1000.0]
+    directory = TenantDirectory(db, refresh_interval=0.001, clock=lambda: now[0])
+    directory.reload()
+    real_load = directory.load
+    attempts = 0
+
+    def database_down_for_a_while() -> tuple[tuple[Any, ...], TenantSnapshot] | None:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 25:  # back after 250 s
+            return real_load()
+        now[0] += 10.0  # each attempt as if ten seconds after the one before
+        raise RuntimeError("database away")
+
+    directory.load = database_down_for_a_while  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(directory.run())
+        try:
+            for _ in range(1000):
+                if "works again" in caplog.text:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+
+    asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.name == "postlane.tenants"]
+    assert warnings[0].startswith("tenant refresh failed, keeping the previous snapshot")
+    still = [m for m in warnings if m.startswith("tenant refresh still failing")]
+    assert len(still) == 4  # one a minute over 240 s of failures, not one an attempt
+    assert "after 240 s (25 attempts)" in still[-1]
+    assert len(warnings) == 6
+    assert warnings[-1] == (
+        "tenant refresh works again after 240 s (25 failed attempts); "
+        "the snapshot was up to 250 s stale"
+    )
