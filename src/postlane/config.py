@@ -187,6 +187,24 @@ class SmtpSettings(_Section):
         0.002, ge=0, le=1, description="Seconds an intake commit may wait to group with others"
     )
     commit_max_batch: int = Field(256, ge=1, description="Messages in one grouped commit at most")
+    commit_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a session waits for its message's commit before answering "
+        "451 4.3.0 (the message may still commit: a retry is then a duplicate)",
+    )
+    max_pending_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="Bytes of messages waiting for their commit in one intake process; "
+        "above it MAIL and the end of DATA get 452 4.3.1",
+    )
+    max_connections: int = Field(
+        2000,
+        ge=1,
+        description="Connections open at once per listener and intake process; "
+        "more get 421 4.7.0 and are closed",
+    )
     processes: int = Field(
         1,
         ge=1,

@@ -34,6 +34,13 @@ one-by-one retry would wait the same ten seconds again. A transaction conflict
 on PostgreSQL (SQLSTATE class 40: deadlock, serialization failure) is neither
 a bad message nor a failed database but a race that a retry may win, so the
 one-by-one retries go ahead.
+
+A session waits for its commit at most ``smtp.commit_timeout`` and then
+answers ``451 4.3.0`` (:mod:`postlane.smtp.server`), cancelling its wait. A
+message whose session gave up before the writer took it is not committed; one
+already being written commits anyway, and its result, which nobody waits for
+any more, is logged (:func:`log_late_result`): the client retries, and
+duplicate detection recognises the retry of a message that did commit.
 """
 
 from __future__ import annotations
@@ -70,12 +77,19 @@ class CommitResult:
 
 @dataclass(slots=True)
 class _Pending:
-    message: NewMessage
+    #: None once its session gave up waiting: the writer then skips it, and
+    #: the queue no longer keeps the message's bytes alive.
+    message: NewMessage | None
     future: asyncio.Future[CommitResult]
     loop: asyncio.AbstractEventLoop
+    queue_id: str
 
 
 _STOP = object()
+
+#: Seconds ``close()`` waits for commits under way: a database or commit
+#: process that stopped answering must not stop the shutdown for ever.
+DRAIN_TIMEOUT = 30.0
 
 
 class Committer(Protocol):
@@ -83,9 +97,17 @@ class Committer(Protocol):
 
     async def open(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def close(self, grace: float = DRAIN_TIMEOUT) -> None:
+        """Refuse new commits and wait, at most ``grace`` seconds, for those under way."""
+        ...
 
-    async def commit(self, message: NewMessage) -> CommitResult: ...
+    async def commit(self, message: NewMessage) -> CommitResult:
+        """Make the message durable; CommitFailed if it was not.
+
+        Cancelling the wait (a session's commit deadline) commits the message
+        only if it was already on its way; a result that comes later is logged.
+        """
+        ...
 
 
 class GroupCommitter:
@@ -116,45 +138,63 @@ class GroupCommitter:
     async def open(self) -> None:
         self.start()
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self.stop)
+    async def close(self, grace: float = DRAIN_TIMEOUT) -> None:
+        await asyncio.to_thread(self.stop, grace)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="intake-commit", daemon=True)
         self._accepting = True
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Commit everything already submitted, then end the writer thread.
 
         A commit that arrives while stopping is refused (its session gets
         451); one that slipped in behind the stop marker is failed, not left
-        waiting forever.
+        waiting forever. After ``timeout`` (a writer stuck in the database)
+        what the writer has not taken yet is failed too, and the writer, a
+        daemon thread, is left to the end of the process.
         """
         if self._thread is None:
             return
         with self._gate:
             self._accepting = False
             self._queue.put(_STOP)
-        self._thread.join()
+        self._thread.join(timeout)
+        stuck = self._thread.is_alive()
         self._thread = None
+        failed = 0
+        reason = "the intake writer did not finish in time" if stuck else "intake is stopping"
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if isinstance(item, _Pending):
-                _resolve(item, CommitFailed("intake is stopping"))
+                failed += item.message is not None
+                _resolve(item, CommitFailed(reason))
+        if stuck:
+            self._queue.put(_STOP)  # for the writer, should it ever come back
+            log.error(
+                "the intake writer did not finish in %g s; %d waiting message(s) not committed",
+                timeout,
+                failed,
+            )
 
     async def commit(self, message: NewMessage) -> CommitResult:
         """Make the message durable; raises CommitFailed if it could not be."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CommitResult] = loop.create_future()
+        item = _Pending(message, future, loop, message.id)
         with self._gate:
             if not self._accepting:
                 raise CommitFailed("intake is not running")
-            self._queue.put(_Pending(message, future, loop))
-        return await future
+            self._queue.put(item)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            item.message = None  # the session gave up: skipped unless being written
+            raise
 
     # -- writer thread ---------------------------------------------------------------
 
@@ -190,9 +230,20 @@ class GroupCommitter:
 
     def _write(self, batch: list[_Pending]) -> None:
         self._last_batch = len(batch)
-        outcome = write_batch(self._db, [p.message for p in batch], self._window)
-        record_metrics(len(batch), outcome.seconds, outcome.failed_transactions)
-        for item, result in zip(batch, outcome.results, strict=True):
+        # each item's message is read once: a session giving up from now on
+        # is too late to keep its message out of this transaction
+        taken = [(item, item.message) for item in batch]
+        wanted = [(item, message) for item, message in taken if message is not None]
+        if len(wanted) < len(taken):
+            log.info(
+                "%d message(s) not committed: their sessions gave up waiting (451 4.3.0)",
+                len(taken) - len(wanted),
+            )
+        if not wanted:
+            return
+        outcome = write_batch(self._db, [message for _, message in wanted], self._window)
+        record_metrics(len(wanted), outcome.seconds, outcome.failed_transactions)
+        for (item, _), result in zip(wanted, outcome.results, strict=True):
             _resolve(item, result)
 
 
@@ -338,9 +389,34 @@ def _transaction(
     return results
 
 
+def log_late_result(queue_id: str, outcome: CommitResult | Exception) -> None:
+    """Note what became of a message whose session had stopped waiting (and sent 451).
+
+    Nothing else happens: the client was told to retry, and if the message
+    did commit, duplicate detection recognises the retry (given a Message-ID).
+    """
+    if isinstance(outcome, Exception):
+        log.info("queue_id=%s not committed after its session gave up: %s", queue_id, outcome)
+    elif outcome.duplicate_of is not None:
+        log.info(
+            "queue_id=%s was a duplicate of %s, found after its session gave up",
+            queue_id,
+            outcome.duplicate_of,
+        )
+    else:
+        log.info(
+            "queue_id=%s committed after its session gave up (451 4.3.0 sent); "
+            "a retry is a duplicate",
+            queue_id,
+        )
+
+
 def _resolve(item: _Pending, outcome: CommitResult | Exception) -> None:
     def settle() -> None:
-        if item.future.done():  # the session went away; the commit stands regardless
+        if item.future.cancelled():  # the session gave up; the commit stands regardless
+            log_late_result(item.queue_id, outcome)
+            return
+        if item.future.done():
             return
         if isinstance(outcome, Exception):
             item.future.set_exception(outcome)

@@ -11,18 +11,33 @@ sender and recipients). Nothing that received ``250`` can be lost this way,
 since ``250`` is only sent after the commit process answered. The next commit
 connects again, waiting up to ``connect_timeout`` for a restarted commit
 process to listen.
+
+A request is written only while the connection's write buffer is below its
+high-water mark (asyncio's flow control). Without that, a commit process that
+stopped reading left every message of every session in this process's
+buffer, on top of the session's own copies. A session that gives up waiting
+(its commit deadline) before its request was written sends nothing; one that
+gives up later leaves the request to be answered, and the answer is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 from postlane.errors import CommitFailed
 from postlane.intake.commit_wire import FrameReader, encode, message_fields
-from postlane.intake.committer import CommitResult, record_metrics
+from postlane.intake.committer import (
+    DRAIN_TIMEOUT,
+    CommitResult,
+    log_late_result,
+    record_metrics,
+)
 from postlane.store.intake import NewMessage
+
+log = logging.getLogger("postlane.intake")
 
 _RETRY_EVERY = 0.05
 
@@ -41,12 +56,16 @@ class RemoteCommitter:
         self._accepting = True
         await self._connected()
 
-    async def close(self) -> None:
-        """Refuse new commits; answers for those in flight still arrive before this returns."""
+    async def close(self, grace: float = DRAIN_TIMEOUT) -> None:
+        """Refuse new commits; answers for those in flight arrive before this returns.
+
+        At most ``grace`` seconds: a commit process that stopped answering
+        fails what is left (451) instead of holding up the shutdown.
+        """
         self._accepting = False
         client, self._client = self._client, None
         if client is not None:
-            await client.drain_and_close()
+            await client.drain_and_close(grace)
 
     async def commit(self, message: NewMessage) -> CommitResult:
         """Make the message durable; raises CommitFailed if it could not be."""
@@ -86,7 +105,10 @@ class _Client(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader()
         self._waiting: dict[int, asyncio.Future[CommitResult]] = {}
+        self._given_up: dict[int, str] = {}  # sequence -> queue id, for the late answer's log
         self._idle: asyncio.Event | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     @property
     def alive(self) -> bool:
@@ -95,14 +117,27 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
     async def request(self, sequence: int, message: NewMessage) -> CommitResult:
+        while not self._writable.is_set():  # every waiter wakes; the first may fill it again
+            await self._writable.wait()
         transport = self._transport
         if transport is None or transport.is_closing():
             raise CommitFailed("the connection to the commit process is closed")
         future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
         self._waiting[sequence] = future
         transport.write(encode((sequence, message_fields(message))))
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._waiting.pop(sequence, None) is not None:
+                self._given_up[sequence] = message.id
+            raise
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -125,17 +160,25 @@ class _Client(asyncio.Protocol):
     ) -> None:
         if stats is not None:
             record_metrics(*stats)
+        outcome: CommitResult | CommitFailed
+        if error is None and queue_id is not None:
+            outcome = CommitResult(queue_id, duplicate_of=duplicate_of)
+        else:
+            outcome = CommitFailed(error or "answer without a queue id")
         future = self._waiting.pop(sequence, None)
         if future is not None and not future.done():
-            if error is None and queue_id is not None:
-                future.set_result(CommitResult(queue_id, duplicate_of=duplicate_of))
+            if isinstance(outcome, CommitResult):
+                future.set_result(outcome)
             else:
-                future.set_exception(CommitFailed(error or "answer without a queue id"))
-        if not self._waiting and self._idle is not None:
+                future.set_exception(outcome)
+        elif (given_up := self._given_up.pop(sequence, None)) is not None:
+            log_late_result(given_up, outcome)
+        if not self._waiting and not self._given_up and self._idle is not None:
             self._idle.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._writable.set()  # whoever waits to write learns that the connection is gone
         self._fail("the commit process closed the connection")
 
     def _fail(self, reason: str) -> None:
@@ -143,13 +186,29 @@ class _Client(asyncio.Protocol):
         for future in waiting.values():
             if not future.done():
                 future.set_exception(CommitFailed(reason))
+        given_up, self._given_up = self._given_up, {}
+        for queue_id in given_up.values():
+            log.info(
+                "queue_id=%s, whose session gave up, may or may not be committed: %s",
+                queue_id,
+                reason,
+            )
         if self._idle is not None:
             self._idle.set()
 
-    async def drain_and_close(self) -> None:
-        if self._waiting and self.alive:
+    async def drain_and_close(self, grace: float) -> None:
+        if (self._waiting or self._given_up) and self.alive:
             self._idle = asyncio.Event()
-            await self._idle.wait()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                log.error(
+                    "the commit process did not answer %d request(s) in %g s; "
+                    "closing the connection (the sessions still waiting get 451 4.3.0)",
+                    len(self._waiting) + len(self._given_up),
+                    grace,
+                )
+                self._fail(f"no answer from the commit process in {grace:g} s")
         if self._transport is not None:
             self._transport.close()
 

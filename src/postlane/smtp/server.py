@@ -6,16 +6,30 @@ to a message is ``intake.pipeline`` and the ``Committer``. Each session is an
 ``asyncio.Protocol`` (no stream wrappers, no task per connection) because the
 per-connection cost is what decides how many clients one process can hold and
 how many messages a second it can take.
+
+What one intake process holds is bounded: connections per listener
+(``smtp.max_connections``, refused with ``421 4.7.0``), the bytes of messages
+waiting for their commit (``smtp.max_pending_bytes``, ``452 4.3.1``) and the
+time a session waits for a commit (``smtp.commit_timeout``, ``451 4.3.0``).
+Without them a commit process or database that stopped answering kept every
+session waiting after DATA, with no log line, until clients gave up, and kept
+every message those sessions received in memory.
+
+Log lines are ``key=value`` pairs; every value that comes from outside (a
+reply text quoting a header, an error, a user name) goes through
+:func:`_logfmt`, so that neither a control character nor a forged
+``key=value`` reaches the log as such.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final, cast
 
@@ -41,6 +55,111 @@ _NO_POSTMASTER: Final = p.Reply(
 _CREDENTIALS_REVOKED: Final = p.Reply(
     421, "4.7.0", ("Credentials changed or revoked, log in again",)
 )
+# RFC 3463 X.3.1 "mail system full" is the mail system's storage, not a
+# mailbox's (X.2.2), and RFC 5321 gives 452 "insufficient system storage" to
+# MAIL and DATA alike: a transient refusal that says why.
+_NO_STORAGE: Final = p.Reply(452, "4.3.1", ("Insufficient system storage, try again later",))
+_TOO_MANY_CONNECTIONS: Final = p.Reply(
+    421, "4.7.0", ("Too many connections, try again later",)
+).to_bytes()
+_LOG_EVERY: Final = 60.0  # seconds between two lines about one recurring condition
+
+
+class _Recurring:
+    """At most one log line a minute about a condition that recurs per message or connection."""
+
+    __slots__ = ("_next", "suppressed")
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self.suppressed = 0
+
+    def due(self) -> bool:
+        """True when a line may be logged now; otherwise the occurrence is counted."""
+        now = time.monotonic()
+        if now < self._next:
+            self.suppressed += 1
+            return False
+        self._next = now + _LOG_EVERY
+        return True
+
+    def take_suppressed(self) -> int:
+        count, self.suppressed = self.suppressed, 0
+        return count
+
+
+class PendingCommits:
+    """The messages of one intake process that wait for their commit, by size.
+
+    Each is also held by its session (as received, and as it will be stored),
+    so this bounds memory while commits are slow or stopped. A message is
+    refused only when others wait too: one larger than the limit on its own
+    still gets through when nothing else waits.
+
+    It also notes stalls, commits that miss their deadline, so that a stall
+    is logged once as an ERROR, not once per deferred message.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._refusals = _Recurring()
+        self._stall_lines = _Recurring()
+        self._stalled_since: float | None = None
+        self._stall_logged = False
+        self._overdue = 0
+
+    @property
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes
+
+    def reserve(self, size: int) -> bool:
+        if self.bytes and self.bytes + size > self.max_bytes:
+            if self._refusals.due():
+                log.warning(
+                    "messages waiting for their commit hold %d bytes (smtp.max_pending_bytes "
+                    "= %d): refusing more with 452 4.3.1 (%d refusal(s) since the last such line)",
+                    self.bytes,
+                    self.max_bytes,
+                    self._refusals.take_suppressed() + 1,
+                )
+            return False
+        self.bytes += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.bytes -= size
+
+    def overdue(self, session_id: str, queue_id: str, timeout: float) -> None:
+        """A commit missed its deadline: the first of a stall is logged."""
+        self._overdue += 1
+        if self._stalled_since is not None:
+            return
+        self._stalled_since = time.monotonic()
+        self._stall_logged = self._stall_lines.due()
+        if self._stall_logged:
+            log.error(
+                "session=%s queue_id=%s commit not answered in %g s (smtp.commit_timeout): "
+                "the commit process or the database is stuck; sessions get 451 4.3.0 until "
+                "commits are answered again (logged once per stall)",
+                _logfmt(session_id),
+                _logfmt(queue_id),
+                timeout,
+            )
+
+    def answered(self) -> None:
+        """A commit was answered in time: a stall, if any, is over."""
+        if self._stalled_since is None:
+            return
+        if self._stall_logged:
+            log.warning(
+                "commits are answered again after a stall of %.1f s; "
+                "%d message(s) got 451 4.3.0 meanwhile",
+                time.monotonic() - self._stalled_since,
+                self._overdue,
+            )
+        self._stalled_since = None
+        self._overdue = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +172,13 @@ class ListenerContext:
     limits: pipeline.IntakeLimits
     command_timeout: float
     data_timeout: float
+    commit_timeout: float = 30.0
+    max_connections: int = 2000
+    #: Shared by every listener of the process.
+    pending: PendingCommits = field(default_factory=lambda: PendingCommits(256 * 1024 * 1024))
+    #: The sessions open now: counted from connection_made to connection_lost,
+    #: so a connection that never completes its TLS handshake holds no place.
+    sessions: set[SmtpSession] = field(default_factory=set)
 
 
 class SmtpSession(asyncio.Protocol):
@@ -65,7 +191,7 @@ class SmtpSession(asyncio.Protocol):
         authenticator: Authenticator,
         committer: Committer,
         tls: TlsContextHolder,
-        on_close: Callable[[SmtpSession], None],
+        on_close: Callable[[SmtpSession], None] | None = None,
     ) -> None:
         self._listener = listener
         self._on_close = on_close
@@ -103,6 +229,7 @@ class SmtpSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._listener.sessions.add(self)
         peer = self._transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "unknown"
         metrics.SMTP_CONNECTIONS.labels(self._listener.name).inc()
@@ -142,23 +269,25 @@ class SmtpSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         metrics.SMTP_SESSIONS_ACTIVE.dec()
+        self._listener.sessions.discard(self)
         if self._timer is not None:
             self._timer.cancel()
         if exc is not None and self.close_reason == "closed":
             self.close_reason = f"connection lost: {exc}"
         log.info(
             "session=%s client=%s user=%s tls=%s accepted=%d rejected=%d seconds=%.3f result=%s",
-            self.session_id,
-            self.client_ip,
-            self.sender.name if self.sender else "-",
-            self.tls_info or "none",
+            _logfmt(self.session_id),
+            _logfmt(self.client_ip),
+            _logfmt(self.sender.name if self.sender else "-"),
+            _logfmt(self.tls_info or "none"),
             self.accepted,
             self.rejected,
             time.monotonic() - self.started,
-            self.close_reason,
+            _logfmt(self.close_reason),
         )
         self._transport = None
-        self._on_close(self)
+        if self._on_close is not None:
+            self._on_close(self)
 
     # -- session start -------------------------------------------------------------
 
@@ -247,7 +376,7 @@ class SmtpSession(asyncio.Protocol):
         try:
             await coro
         except Exception:
-            log.exception("session=%s internal error", self.session_id)
+            log.exception("session=%s internal error", _logfmt(self.session_id))
             self.close_reason = "internal error"
             self._write(p.Reply(421, "4.3.0", ("Internal error, closing connection",)).to_bytes())
             self._close()
@@ -299,10 +428,10 @@ class SmtpSession(asyncio.Protocol):
             # another user here. Logins compare case-insensitively, so the
             # authzid does too, and the refusal is the one for a wrong password.
             log.warning(
-                "auth refused ip=%s user=%r authzid=%r: acting as another user",
-                self.client_ip,
-                event.username,
-                event.authzid,
+                "auth refused ip=%s user=%s authzid=%s: acting as another user",
+                _logfmt(self.client_ip),
+                _logfmt(event.username),
+                _logfmt(event.authzid),
             )
             conn.auth_failed()
             return
@@ -353,6 +482,8 @@ class SmtpSession(asyncio.Protocol):
     # -- envelope -------------------------------------------------------------------------------
 
     def _mail_from(self, event: p.MailFrom) -> p.Reply | None:
+        if self._listener.pending.full:  # as Postfix does when its queue has no room
+            return _NO_STORAGE
         sender = self.sender
         if sender is None:
             return None  # unauthenticated (non-submission listener): judged per recipient
@@ -364,11 +495,11 @@ class SmtpSession(asyncio.Protocol):
             revoked = _credentials_revoked(snapshot, sender.user)
             if revoked is not None:
                 log.warning(
-                    "session=%s client=%s user=%s refused: %s",
-                    self.session_id,
-                    self.client_ip,
-                    sender.user.username,
-                    revoked,
+                    "session=%s client=%s user=%s result=refused reason=%s",
+                    _logfmt(self.session_id),
+                    _logfmt(self.client_ip),
+                    _logfmt(sender.user.username),
+                    _logfmt(revoked),
                 )
                 return _CREDENTIALS_REVOKED  # a 421: the engine closes the session
             self._credentials_checked = snapshot  # snapshots never change once made
@@ -419,7 +550,9 @@ class SmtpSession(asyncio.Protocol):
         except Exception:
             # A fault of ours, not the client's: it may send again later, and
             # it must hear so rather than lose the connection mid-transaction.
-            log.exception("session=%s queue_id=%s intake failed", self.session_id, queue_id)
+            log.exception(
+                "session=%s queue_id=%s intake failed", _logfmt(self.session_id), _logfmt(queue_id)
+            )
             self._rejected(451, "4.3.0", "Local error in processing, try again later", queue_id)
             return
         self._go_async(self._commit(message, len(event.recipients)))
@@ -448,29 +581,59 @@ class SmtpSession(asyncio.Protocol):
         )
 
     async def _commit(self, message: NewMessage, recipients: int) -> None:
+        """Wait for the commit, at most ``commit_timeout``: then answer 451 and stop waiting.
+
+        The deadline is below the minutes clients wait for the reply to the
+        end of DATA (RFC 5321 section 4.5.3.2.6 suggests 10; many give up
+        after 60 s), so that they hear 451 and retry, rather than time out
+        not knowing. A message may still commit after its 451 (the
+        committer logs what became of it); the retry is then a duplicate.
+        """
         conn = self._conn
         assert conn is not None
+        pending = self._listener.pending
+        size = len(message.raw)
+        if not pending.reserve(size):
+            self._rejected(_NO_STORAGE.code, "4.3.1", _NO_STORAGE.lines[0], message.id)
+            return
+        deadline = asyncio.timeout(self._listener.commit_timeout)
         try:
-            result: CommitResult = await self._committer.commit(message)
-        except CommitFailed as exc:
-            log.error("session=%s queue_id=%s commit failed: %s", self.session_id, message.id, exc)
+            async with deadline:
+                result: CommitResult = await self._committer.commit(message)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            pending.overdue(self.session_id, message.id, self._listener.commit_timeout)
             self._rejected(451, "4.3.0", "Temporary storage failure, try again later", message.id)
             return
+        except CommitFailed as exc:
+            pending.answered()
+            log.error(
+                "session=%s queue_id=%s result=deferred error=%s",
+                _logfmt(self.session_id),
+                _logfmt(message.id),
+                _logfmt(exc),
+            )
+            self._rejected(451, "4.3.0", "Temporary storage failure, try again later", message.id)
+            return
+        finally:
+            pending.release(size)
+        pending.answered()
         self._end_transaction()
         self.accepted += 1
         metrics.SMTP_MESSAGES_ACCEPTED.inc()
-        metrics.SMTP_MESSAGE_BYTES.inc(len(message.raw))
-        metrics.SMTP_MESSAGE_SIZE.observe(len(message.raw))
-        note = f" duplicate_of={result.duplicate_of}" if result.duplicate_of else ""
+        metrics.SMTP_MESSAGE_BYTES.inc(size)
+        metrics.SMTP_MESSAGE_SIZE.observe(size)
+        note = f" duplicate_of={_logfmt(result.duplicate_of)}" if result.duplicate_of else ""
         log.info(
             "session=%s queue_id=%s client=%s user=%s tls=%s size=%d recipients=%d "
             "result=accepted%s",
-            self.session_id,
-            result.queue_id,
-            self.client_ip,
-            self.sender.name if self.sender else "-",
-            self.tls_info or "none",
-            len(message.raw),
+            _logfmt(self.session_id),
+            _logfmt(result.queue_id),
+            _logfmt(self.client_ip),
+            _logfmt(self.sender.name if self.sender else "-"),
+            _logfmt(self.tls_info or "none"),
+            size,
             recipients,
             note,
         )
@@ -483,14 +646,12 @@ class SmtpSession(asyncio.Protocol):
         self.rejected += 1
         metrics.SMTP_MESSAGES_REJECTED.labels(enhanced).inc()
         log.info(
-            "session=%s queue_id=%s client=%s user=%s result=rejected reply=%d %s %s",
-            self.session_id,
-            queue_id,
-            self.client_ip,
-            self.sender.name if self.sender else "-",
-            code,
-            enhanced,
-            text,
+            "session=%s queue_id=%s client=%s user=%s result=rejected reply=%s",
+            _logfmt(self.session_id),
+            _logfmt(queue_id),
+            _logfmt(self.client_ip),
+            _logfmt(self.sender.name if self.sender else "-"),
+            _logfmt(f"{code} {enhanced} {text}"),
         )
         self._conn.answer_message(p.Reply(code, enhanced, (_ascii(text),)))
 
@@ -605,6 +766,37 @@ def _ascii(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
+#: A value a key=value reader takes whole and as it is: printable ASCII
+#: without space, quote, backslash or "=".
+_LOGFMT_BARE = re.compile(r"[!#-<>-\[\]-~]+")
+
+
+def _logfmt(value: object) -> str:
+    """``value`` for a ``key=value`` log line: as it is, or quoted with escapes.
+
+    A value with a space or "=" is quoted, so that text from a client (a
+    folded header quoted in a rejection, say) cannot add fields such as
+    ``result=accepted``; a quote or backslash in it is escaped with a
+    backslash, and every character that is not printable (ESC, CR, LF, C1
+    controls, U+2028, bidirectional overrides) as ``\\xNN``, ``\\uNNNN``
+    or ``\\UNNNNNNNN``, so that none reaches a terminal or splits a line.
+    """
+    text = str(value)
+    if _LOGFMT_BARE.fullmatch(text):
+        return text
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escape(c) for c in text)
+    return f'"{text}"'
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 class SmtpServer:
     """The SMTP role: every configured listener, the tenant cache and the intake writer."""
 
@@ -624,7 +816,8 @@ class SmtpServer:
         self._committer = committer
         self._tls = tls
         self._servers: list[asyncio.Server] = []
-        self._sessions: set[SmtpSession] = set()
+        self._contexts: list[ListenerContext] = []
+        self._pending = PendingCommits(settings.smtp.max_pending_bytes)
         self._refresh: asyncio.Task[None] | None = None
 
     def _context(self, listener: ListenerSettings) -> ListenerContext:
@@ -653,6 +846,9 @@ class SmtpServer:
             limits=limits,
             command_timeout=s.command_timeout,
             data_timeout=s.data_timeout,
+            commit_timeout=s.commit_timeout,
+            max_connections=s.max_connections,
+            pending=self._pending,
         )
 
     async def start(self) -> None:
@@ -661,18 +857,16 @@ class SmtpServer:
         loop = asyncio.get_running_loop()
         for listener in self._settings.smtp.listeners:
             context = self._context(listener)
+            self._contexts.append(context)
+            refusals = _Recurring()
 
-            def factory(context: ListenerContext = context) -> SmtpSession:
-                session = SmtpSession(
-                    context,
-                    self._directory,
-                    self._auth,
-                    self._committer,
-                    self._tls,
-                    self._sessions.discard,
-                )
-                self._sessions.add(session)
-                return session
+            def factory(
+                context: ListenerContext = context, refusals: _Recurring = refusals
+            ) -> asyncio.Protocol:
+                if len(context.sessions) >= context.max_connections:
+                    _log_refusal(context, refusals)
+                    return _Refusal()
+                return SmtpSession(context, self._directory, self._auth, self._committer, self._tls)
 
             server = await loop.create_server(
                 factory,
@@ -695,14 +889,53 @@ class SmtpServer:
         self._tls.reload()
 
     async def stop(self) -> None:
+        """Close the listeners, let commits under way be answered, then close the committer.
+
+        Bounded by ``commit_timeout`` (and a second): each commit a session
+        waits for ends by its deadline, and what the committer still has by
+        then belongs to sessions that gave up.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.smtp.commit_timeout + 1.0
         for server in self._servers:
             server.close()
         self._servers.clear()
-        for session in list(self._sessions):
+        for session in self._open_sessions():
             session.shutdown()
-        in_flight = [s.task for s in self._sessions if s.task is not None and not s.task.done()]
-        if in_flight:  # messages being committed get their 250 before we go
-            await asyncio.wait(in_flight, timeout=30)
+        in_flight = [
+            s.task for s in self._open_sessions() if s.task is not None and not s.task.done()
+        ]
+        if in_flight:  # messages being committed get their 250 (or 451) before we go
+            await asyncio.wait(in_flight, timeout=deadline - loop.time())
+            for session in self._open_sessions():  # those that were busy
+                session.shutdown()
         if self._refresh is not None:
             self._refresh.cancel()
-        await self._committer.close()
+        await self._committer.close(max(1.0, deadline - loop.time()))
+
+    def _open_sessions(self) -> list[SmtpSession]:
+        return [session for context in self._contexts for session in context.sessions]
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection above ``smtp.max_connections``: told so and closed, no session made.
+
+    Postfix's ``process_limit`` makes clients wait in the listen queue
+    instead; a reply lets them go to another MX or retry later at once.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        writer = cast(asyncio.Transport, transport)
+        writer.write(_TOO_MANY_CONNECTIONS)
+        writer.close()
+
+
+def _log_refusal(context: ListenerContext, refusals: _Recurring) -> None:
+    if refusals.due():
+        log.warning(
+            "listener %s has %d connections (smtp.max_connections): new ones get "
+            "421 4.7.0 (%d refused since the last such line)",
+            context.name,
+            len(context.sessions),
+            refusals.take_suppressed() + 1,
+        )

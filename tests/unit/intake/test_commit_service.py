@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
 import socket
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -380,3 +383,122 @@ def test_a_data_dir_too_long_for_a_socket_is_a_config_error(tmp_path: Path) -> N
     deep = tmp_path / ("d" * 120)
     with pytest.raises(ConfigError, match=r"longer than 107 bytes.*commit_process = false"):
         socket_path(deep)
+
+
+# -- sessions that stop waiting, and a commit process that stops answering ---------------------
+
+
+class HaltingCommitProcess:
+    """Reads requests only once ``reading`` is set, and answers each once ``answering`` is."""
+
+    def __init__(self) -> None:
+        self.reading = asyncio.Event()
+        self.answering = asyncio.Event()
+        self.received: list[int] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from postlane.intake.commit_wire import FrameReader, encode
+
+        await self.reading.wait()
+        frames = FrameReader()
+        while data := await reader.read(1 << 16):
+            for sequence, fields in frames.feed(data):
+                self.received.append(sequence)
+                await self.answering.wait()
+                writer.write(encode((sequence, fields[0], None, None, None)))
+        writer.close()
+
+
+async def soon(condition: Callable[[], object]) -> None:
+    for _ in range(int(WAIT / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def given_up(task: asyncio.Future[Any]) -> None:
+    """Cancel a commit's wait, as a session's deadline does."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def test_a_late_answer_for_a_session_that_gave_up_is_logged_and_ignored(
+    sock: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    late, later = new_message(1), new_message(1)
+    process = HaltingCommitProcess()
+
+    async def scenario() -> CommitResult:
+        process.reading.set()
+        async with await asyncio.start_unix_server(process.handle, str(sock)):
+            committer = RemoteCommitter(sock)
+            await committer.open()
+            task = asyncio.ensure_future(committer.commit(late))
+            await soon(lambda: process.received)  # sent: the commit process has it
+            await given_up(task)
+            process.answering.set()
+            result = await committer.commit(later)  # answered after the late one
+            await committer.close()
+            return result
+
+    with caplog.at_level(logging.INFO, "postlane.intake"):
+        assert run(scenario) == CommitResult(later.id)
+    assert f"queue_id={late.id} committed after its session gave up" in caplog.text
+
+
+def test_a_request_waits_for_the_socket_and_is_not_sent_once_its_session_gave_up(
+    sock: Path,
+) -> None:
+    """A stopped commit process once had every waiting message queued in intake's memory."""
+    big, small = new_message(1, raw=b"x" * (4 << 20)), new_message(1)
+    process = HaltingCommitProcess()
+
+    async def scenario() -> tuple[CommitResult, int]:
+        process.answering.set()
+        async with await asyncio.start_unix_server(process.handle, str(sock)):
+            committer = RemoteCommitter(sock)
+            await committer.open()
+            first = asyncio.ensure_future(committer.commit(big))  # fills the socket
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(committer.commit(small))
+            await asyncio.sleep(0.05)
+            assert committer._client is not None and committer._client._transport is not None
+            buffered = committer._client._transport.get_write_buffer_size()
+            await given_up(second)  # its deadline: it was never written
+            process.reading.set()
+            result = await first
+            await committer.close()
+            return result, buffered
+
+    result, buffered = run(scenario)
+    assert result == CommitResult(big.id)
+    assert process.received == [1]  # the second request (sequence 2) never reached it
+    assert buffered < len(big.raw) + (1 << 20)  # one message at most, not every one
+
+
+def test_close_gives_up_on_a_commit_process_that_does_not_answer(
+    sock: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shutdown waited for ever for the answers of a hung commit process."""
+    process = HaltingCommitProcess()
+
+    async def scenario() -> tuple[float, BaseException | None]:
+        process.reading.set()  # it reads, and never answers
+        async with await asyncio.start_unix_server(process.handle, str(sock)):
+            committer = RemoteCommitter(sock)
+            await committer.open()
+            task = asyncio.ensure_future(committer.commit(new_message(1)))
+            await soon(lambda: process.received)
+            started = time.monotonic()
+            await committer.close(0.3)
+            took = time.monotonic() - started
+            await asyncio.wait([task], timeout=WAIT)
+            return took, task.exception()
+
+    with caplog.at_level(logging.ERROR, "postlane.intake"):
+        took, error = run(scenario)
+    assert took < 5
+    assert isinstance(error, CommitFailed) and "no answer from the commit process" in str(error)
+    assert "the commit process did not answer 1 request(s) in 0.3 s" in caplog.text

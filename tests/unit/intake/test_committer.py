@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -646,3 +648,92 @@ def test_a_commit_racing_stop_is_answered(db: Database, account: Account) -> Non
     stopper.join(WAIT)
     assert not stopper.is_alive()
     assert message_ids(db) == [result.queue_id]
+
+
+# -- sessions that stop waiting (their commit deadline) --------------------------------------
+
+
+async def given_up(task: asyncio.Task[Any]) -> None:
+    """Cancel a commit's wait, as a session's deadline does."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def test_a_message_whose_session_gave_up_before_the_writer_took_it_is_not_committed(
+    committer: GroupCommitter,
+    gated: GatedDatabase,
+    db: Database,
+    account: Account,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    blocker, dropped = new_message(account.id), new_message(account.id)
+
+    async def scenario() -> None:
+        gated.hold()
+        (first,) = await submitted(committer.commit(blocker))
+        await wait_until_held(gated)
+        (second,) = await submitted(committer.commit(dropped))
+        await given_up(second)  # its client got 451 and will send it again
+        gated.gate.set()
+        await first
+
+    with caplog.at_level(logging.INFO, "postlane.intake"):
+        run(scenario())
+        committer.stop()
+    assert message_ids(db) == [blocker.id]
+    assert "1 message(s) not committed: their sessions gave up waiting" in caplog.text
+
+
+def test_a_late_result_for_a_session_that_gave_up_is_logged_and_nothing_else(
+    committer: GroupCommitter,
+    gated: GatedDatabase,
+    db: Database,
+    account: Account,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    late = new_message(account.id)
+
+    async def scenario() -> None:
+        gated.hold()
+        (task,) = await submitted(committer.commit(late))
+        await wait_until_held(gated)  # being written: too late to leave it out
+        await given_up(task)
+        gated.gate.set()
+        for _ in range(int(WAIT / 0.01)):  # the writer's answer arrives in this loop
+            if "committed after its session gave up" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
+        assert task.cancelled()
+
+    with caplog.at_level(logging.INFO, "postlane.intake"):
+        run(scenario())
+    assert message_ids(db) == [late.id]
+    assert f"queue_id={late.id} committed after its session gave up (451 4.3.0 sent)" in (
+        caplog.text
+    )
+    assert run(committer.commit(new_message(account.id)))  # the writer goes on
+
+
+def test_stop_gives_up_on_a_writer_stuck_in_the_database_after_its_grace(
+    committer: GroupCommitter,
+    gated: GatedDatabase,
+    account: Account,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> tuple[float, BaseException | None]:
+        gated.hold()
+        await submitted(committer.commit(new_message(account.id)))
+        await wait_until_held(gated)  # and it stays there
+        (waiting,) = await submitted(committer.commit(new_message(account.id)))
+        started = time.monotonic()
+        await committer.close(0.3)
+        took = time.monotonic() - started
+        await asyncio.wait([waiting], timeout=WAIT)
+        return took, waiting.exception()
+
+    with caplog.at_level(logging.ERROR, "postlane.intake"):
+        took, error = run(scenario())
+    assert took < 5
+    assert isinstance(error, CommitFailed) and "did not finish in time" in str(error)
+    assert "the intake writer did not finish in 0.3 s; 1 waiting message(s)" in caplog.text

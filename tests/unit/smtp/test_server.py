@@ -10,19 +10,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import logging
+import os
+import re
+import socket
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from postlane.config import ListenerSettings
+from postlane.config import ListenerSettings, Settings, SmtpSettings
+from postlane.errors import MessageRejected
 from postlane.intake import pipeline
+from postlane.intake.committer import CommitResult
 from postlane.smtp import protocol
 from postlane.smtp.authenticator import AuthResult
-from postlane.smtp.server import ListenerContext, SmtpSession
+from postlane.smtp.server import ListenerContext, PendingCommits, SmtpServer, SmtpSession, _logfmt
 from postlane.tenants.directory import TenantSnapshot
 
 
@@ -63,30 +72,40 @@ POLICY = protocol.SessionPolicy(
 COMMAND_TIMEOUT, DATA_TIMEOUT = 60, 600
 
 
-def _session(
+def _listener(
     *,
     policy: protocol.SessionPolicy = POLICY,
     settings: ListenerSettings | None = None,
-    directory: Any = None,
-    authenticator: Any = None,
-) -> SmtpSession:
-    listener = ListenerContext(
+    **options: Any,
+) -> ListenerContext:
+    return ListenerContext(
         name="test",
         settings=settings or ListenerSettings(port=2525, tls="starttls", submission=False),
         policy=policy,
         limits=pipeline.IntakeLimits("mail.postlane.test", 25, timedelta(days=3)),
         command_timeout=COMMAND_TIMEOUT,
         data_timeout=DATA_TIMEOUT,
+        **options,
     )
 
+
+def _session(
+    *,
+    policy: protocol.SessionPolicy = POLICY,
+    settings: ListenerSettings | None = None,
+    directory: Any = None,
+    authenticator: Any = None,
+    committer: Any = None,
+    listener: ListenerContext | None = None,
+) -> SmtpSession:
     class Tls:
         context = object()
 
     return SmtpSession(
-        listener,
+        listener or _listener(policy=policy, settings=settings),
         directory or FakeDirectory(),
         authenticator,
-        None,  # type: ignore[arg-type]
+        committer,
         Tls(),  # type: ignore[arg-type]
         lambda session: None,
     )
@@ -473,3 +492,304 @@ def test_a_session_goes_on_while_its_credentials_stand(new: str | None) -> None:
     replies, closed = _mail_after_change(snapshot)
     assert replies[-1] == b"250 2.1.0 Ok"
     assert not closed
+
+
+# -- bounds: the commit deadline, bytes waiting for commits, connections -------------------------
+
+ENVELOPE = b"MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+DEFERRED = b"451 4.3.0 Temporary storage failure, try again later"
+NO_STORAGE = b"452 4.3.1 Insufficient system storage, try again later"
+
+
+def _body(size: int = 0) -> bytes:
+    return b"Subject: x\r\n\r\n" + b"y" * size + b"\r\n.\r\n"
+
+
+class HeldCommitter:
+    """Answers a commit only when the test says so; notes the waits given up."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, asyncio.Future[CommitResult]] = {}
+        self.given_up: list[str] = []
+        self.closed_with: float | None = None
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self, grace: float = 30.0) -> None:
+        self.closed_with = grace
+
+    async def commit(self, message: Any) -> CommitResult:
+        future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
+        self.waiting[message.id] = future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            del self.waiting[message.id]
+            self.given_up.append(message.id)
+            raise
+
+    def answer_all(self) -> None:
+        for queue_id, future in list(self.waiting.items()):
+            future.set_result(CommitResult(queue_id))
+        self.waiting.clear()
+
+
+@pytest.fixture
+def any_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every recipient and message is taken as it is: these tests are about what follows."""
+    monkeypatch.setattr(SmtpSession, "_rcpt", lambda self, event: None)
+    monkeypatch.setattr(
+        SmtpSession,
+        "_build",
+        lambda self, event, queue_id, now: SimpleNamespace(id=queue_id, raw=event.data),
+    )
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def _connected(session: SmtpSession) -> FakeTransport:
+    transport = FakeTransport()
+    session.connection_made(transport)  # type: ignore[arg-type]
+    session.data_received(b"EHLO x\r\n")
+    return transport
+
+
+def test_a_commit_that_never_answers_gets_451_at_the_deadline_and_one_error_line(
+    any_message: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stuck commit process kept every session waiting after DATA, for ever and silently."""
+    committer = HeldCommitter()
+
+    async def scenario() -> tuple[list[bytes], float]:
+        session = _session(committer=committer, listener=_listener(commit_timeout=1.0))
+        transport = _connected(session)
+        started = time.monotonic()
+        for n in (1, 2):
+            session.data_received(ENVELOPE + _body())
+            await until(lambda n=n: _replies(transport).count(DEFERRED) == n)  # type: ignore[misc]
+        elapsed = time.monotonic() - started
+        session.data_received(ENVELOPE + _body())  # the commit process answers again
+        await until(lambda: bool(committer.waiting))
+        committer.answer_all()
+        await until(lambda: _replies(transport)[-1].startswith(b"250 2.0.0 Ok: queued as"))
+        return _replies(transport), elapsed
+
+    with caplog.at_level(logging.INFO, "postlane.smtp"):
+        replies, elapsed = asyncio.run(scenario())
+    assert elapsed < 10  # two deadlines of 1 s, generously
+    assert replies.count(DEFERRED) == 2
+    assert len(committer.given_up) == 2  # the session stopped waiting for both
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors  # once per stall, not once per message
+    assert "commit not answered in 1 s (smtp.commit_timeout)" in errors[0]
+    assert f"queue_id={committer.given_up[0]}" in errors[0]
+    assert "commits are answered again after a stall" in caplog.text
+    assert "2 message(s) got 451 4.3.0 meanwhile" in caplog.text
+
+
+def test_bytes_waiting_for_commits_are_bounded_with_452_4_3_1(
+    any_message: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages waiting for a stopped commit process once filled the intake process's memory."""
+    committer = HeldCommitter()
+    pending = PendingCommits(1000)
+
+    async def scenario() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        first, second, third = (
+            _session(committer=committer, listener=_listener(pending=pending)) for _ in range(3)
+        )
+        one, two, three = _connected(first), _connected(second), _connected(third)
+        first.data_received(ENVELOPE + _body(400))
+        await until(lambda: len(committer.waiting) == 1)
+        assert 400 < pending.bytes < 1000
+        second.data_received(ENVELOPE + _body(600))  # would go above the limit
+        await until(lambda: _replies(two)[-1] == NO_STORAGE)
+        committer.answer_all()
+        await until(lambda: _replies(one)[-1].startswith(b"250 2.0.0"))
+        assert pending.bytes == 0
+        third.data_received(ENVELOPE + _body(2000))  # nothing else waits: alone, it may
+        await until(lambda: len(committer.waiting) == 1)
+        assert pending.full
+        second.data_received(b"MAIL FROM:<a@example.net>\r\n")  # no room: refused before data
+        await until(lambda: _replies(two).count(NO_STORAGE) == 2)
+        committer.answer_all()
+        await until(lambda: _replies(three)[-1].startswith(b"250 2.0.0"))
+        assert pending.bytes == 0
+        second.data_received(ENVELOPE + _body(600))
+        await until(lambda: bool(committer.waiting))
+        committer.answer_all()
+        await until(lambda: _replies(two)[-1].startswith(b"250 2.0.0"))
+        return _replies(one), _replies(two), _replies(three)
+
+    with caplog.at_level(logging.INFO, "postlane.smtp"):
+        one, two, three = asyncio.run(scenario())
+    assert one[-1].startswith(b"250 2.0.0") and three[-1].startswith(b"250 2.0.0")
+    assert two[-7:-4] == [
+        b"354 End data with <CR><LF>.<CR><LF>",
+        NO_STORAGE,  # the end of DATA
+        NO_STORAGE,  # MAIL, while the limit was reached
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "smtp.max_pending_bytes" in warnings[0]
+
+
+FORGED = "bad \x1b[2J From\r\n2026-01-01 INFO postlane.smtp session=FAKE user=admin result=accepted"
+#: How a key=value (logfmt) reader splits a line: quoted values are one value.
+_LOGFMT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def test_client_text_in_a_rejection_line_is_escaped_and_quoted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header quoted in a rejection wrote an ESC to the log, and forged fields after reply=."""
+
+    def rejecting(self: SmtpSession, *args: Any) -> Any:
+        raise MessageRejected(550, "5.7.1", FORGED)
+
+    monkeypatch.setattr(SmtpSession, "_build", rejecting)
+    monkeypatch.setattr(SmtpSession, "_rcpt", lambda self, event: None)
+
+    async def scenario() -> SmtpSession:
+        session = _session()
+        _connected(session).written.clear()
+        session.data_received(ENVELOPE + _body())
+        return session
+
+    with caplog.at_level(logging.INFO, "postlane.smtp"):
+        session = asyncio.run(scenario())
+    (line,) = [r.getMessage() for r in caplog.records if "result=rejected" in r.getMessage()]
+    assert not any(c in line for c in "\x1b\r\n")
+    fields = dict(_LOGFMT_FIELD.findall(line))
+    assert fields["session"] == session.session_id
+    assert (fields["user"], fields["result"]) == ("-", "rejected")
+    assert fields["reply"] == (
+        '"550 5.7.1 bad \\x1b[2J From\\x0d\\x0a2026-01-01 INFO postlane.smtp '
+        'session=FAKE user=admin result=accepted"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "logged"),
+    [
+        ("06H128T156RFZY4P", "06H128T156RFZY4P"),
+        ("app1@acme.com", "app1@acme.com"),
+        ("", '""'),
+        ("TLSv1.3 TLS_AES_256_GCM_SHA384", '"TLSv1.3 TLS_AES_256_GCM_SHA384"'),
+        ("user=admin", '"user=admin"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("a\\b", '"a\\\\b"'),
+        ("\x1b[31m\x07\x7f\x9b", '"\\x1b[31m\\x07\\x7f\\x9b"'),
+        ("line\u2028two\u202e", '"line\\u2028two\\u202e"'),
+        ("Jürgen", '"Jürgen"'),
+    ],
+)
+def test_log_values_are_bare_only_when_a_reader_cannot_misread_them(
+    value: str, logged: str
+) -> None:
+    assert _logfmt(value) == logged
+
+
+class IdleDirectory(FakeDirectory):
+    def reload(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+
+def _server(committer: HeldCommitter, tmp_path: Path, **smtp: Any) -> SmtpServer:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    settings = Settings(
+        hostname="mail.postlane.test",
+        data_dir=tmp_path,
+        database_url="sqlite:///unused.db",
+        smtp=SmtpSettings(
+            listeners=[
+                ListenerSettings(address="127.0.0.1", port=port, tls="none", submission=False)
+            ],
+            **smtp,
+        ),
+    )
+
+    class Tls:
+        context = None
+
+    return SmtpServer(settings, IdleDirectory(), None, committer, Tls())  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("POSTLANE_"):
+            monkeypatch.delenv(key)
+
+
+def test_a_connection_above_max_connections_gets_421_and_is_closed(
+    no_env: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = _server(HeldCommitter(), tmp_path, max_connections=2)
+    port = server._settings.smtp.listeners[0].port
+
+    async def greeting() -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return await asyncio.wait_for(reader.readline(), 5), reader, writer
+
+    async def scenario() -> tuple[list[bytes], bytes, bytes]:
+        await server.start()
+        try:
+            opened = [await greeting() for _ in range(2)]
+            refused, reader, writer = await greeting()
+            after_refusal = await asyncio.wait_for(reader.read(), 5)  # closed by the server
+            writer.close()
+            opened[0][2].close()  # one leaves: there is room again
+            await until(lambda: len(server._open_sessions()) < 2)
+            again, _, writer = await greeting()
+            writer.close()
+            for _, _, other in opened[1:]:
+                other.close()
+            return [line for line, _, _ in opened] + [again], refused, after_refusal
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.WARNING, "postlane.smtp"):
+        greetings, refused, after_refusal = asyncio.run(scenario())
+    assert all(g.startswith(b"220 mail.postlane.test") for g in greetings)
+    assert refused == b"421 4.7.0 Too many connections, try again later\r\n"
+    assert after_refusal == b""
+    assert "has 2 connections (smtp.max_connections)" in caplog.text
+
+
+def test_stop_waits_for_a_commit_no_longer_than_its_deadline(
+    no_env: None, tmp_path: Path, any_message: None
+) -> None:
+    """Shutdown waited 30 s for sessions, then for ever for the commit process to answer."""
+    committer = HeldCommitter()
+    server = _server(committer, tmp_path, commit_timeout=1.0)
+    port = server._settings.smtp.listeners[0].port
+
+    async def scenario() -> tuple[bytes, float]:
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"EHLO x\r\n" + ENVELOPE + _body())
+        await until(lambda: bool(committer.waiting))
+        started = time.monotonic()
+        await server.stop()
+        stopped_in = time.monotonic() - started
+        replies = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return replies, stopped_in
+
+    replies, stopped_in = asyncio.run(scenario())
+    assert stopped_in < 10  # the deadline of 1 s and a second, generously
+    assert committer.closed_with is not None and committer.closed_with <= 2.0
+    assert DEFERRED in replies  # the session got its answer before the server went
+    assert replies.endswith(b"421 4.3.2 Service shutting down, try again later\r\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 import threading
@@ -81,3 +83,68 @@ def test_sqlite_databases_write_through_it(tmp_path: Path) -> None:
         assert (tmp_path / "postlane.db.writer-lock").exists()
     finally:
         db.dispose()
+
+
+def test_a_lock_file_held_elsewhere_fails_the_write_after_the_timeout(tmp_path: Path) -> None:
+    """A held lock file (a stopped writer, a flock by hand) once stopped every writer for ever."""
+    lock = WriterLock(tmp_path / "x.db", timeout=0.3)
+    lock.path.touch()
+    other = os.open(lock.path, os.O_RDWR)  # another open file: as another process's
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        for _ in range(2):  # the second waits on the turn the first one's wait still holds
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="database is locked"), lock.held():
+                pass
+            assert time.monotonic() - started < 5
+        fcntl.flock(other, fcntl.LOCK_UN)
+        deadline = time.monotonic() + 5
+        while True:  # the given-up wait takes the lock, gives it back, and the turn with it
+            try:
+                with lock.held():
+                    break
+            except StoreError:
+                assert time.monotonic() < deadline, "the writer lock never came back"
+        # and the file lock was really ours: the other holder has to wait now
+        with lock.held(), pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
+        lock.close()
+
+
+def test_a_database_write_fails_with_the_store_error_while_another_process_holds_the_lock(
+    tmp_path: Path,
+) -> None:
+    """``flock postlane.db.writer-lock sleep 70`` held intake's commits for the 70 s."""
+    db = Database.from_url(f"sqlite:///{tmp_path / 'postlane.db'}")
+    code = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "postlane.db.writer-lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        assert db._writer is not None
+        db._writer._timeout = 0.5  # ten seconds in service
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="database is locked"), db.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        assert time.monotonic() - started < 5
+    finally:
+        holder.communicate("", timeout=10)
+    deadline = time.monotonic() + 5
+    while True:  # the holder is gone: writes go through again
+        try:
+            with db.begin() as conn:
+                conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+            break
+        except StoreError:
+            assert time.monotonic() < deadline, "writes did not resume"
+    db.dispose()
